@@ -1,0 +1,6 @@
+"""Quantized layers and their autograd Functions."""
+
+from .convert import quantize_linears
+from .linear4bit import Linear4bit, Matmul4bit, matmul_4bit
+
+__all__ = ["Linear4bit", "Matmul4bit", "matmul_4bit", "quantize_linears"]

@@ -1,0 +1,65 @@
+"""Public 4-bit quantize/dequantize: argument checks, then the backend for the tensor's device.
+
+The torch reference serves every device until the Triton kernels land beneath these entry points;
+QTUNE_BACKEND=torch will then force the reference for debugging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .codes import BLOCKSIZES, FLOAT_DTYPES, QUANT_TYPES
+from .state import QuantState, check_dtype, dtype_name
+
+STORAGE_DTYPES = (torch.uint8, *FLOAT_DTYPES)
+
+
+def check_quant_args(quant_type: str, blocksize: int) -> None:
+    """One-line ValueError for a quant type or blocksize that the format does not allow."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type {quant_type!r} is not supported; allowed: {', '.join(QUANT_TYPES)}")
+    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize!r} is not allowed; allowed: {', '.join(map(str, BLOCKSIZES))}")
+
+
+def check_finite(A: torch.Tensor, name: str) -> None:
+    """Refuse NaN/Inf: one bad value would poison its block (and, with double quantization, the
+    mean offset shared by the whole tensor)."""
+    if not bool(torch.isfinite(A).all()):
+        bad = int((~torch.isfinite(A)).sum())
+        raise ValueError(f"{name} has {bad} non-finite value{'s' if bad != 1 else ''} (NaN/Inf) "
+                         f"of {A.numel()}; refusing to quantize it")
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
+    name: str = "tensor",
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize A blockwise to 4 bits in bitsandbytes' format: (packed (ceil(n/2) bytes, as a
+    (rows, 1) tensor of quant_storage), QuantState). `name` labels A in error messages."""
+    check_quant_args(quant_type, blocksize)
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(A).__name__}")
+    check_dtype(A.dtype, name)
+    if quant_storage not in STORAGE_DTYPES:
+        raise TypeError(f"quant_storage {quant_storage} is not supported; allowed: "
+                        f"{', '.join(dtype_name(t) for t in STORAGE_DTYPES)}")
+    if A.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(A.shape)}); nothing to quantize")
+    check_finite(A, name)
+    return reference.quantize_4bit(A, blocksize, quant_type, double_quant, quant_storage)
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode a packed 4-bit tensor to `dtype` (default: the dtype it was quantized from)."""
+    dtype = dtype or state.dtype
+    need = -(-state.numel // 2)
+    have = packed.numel() * packed.element_size()
+    if have < need:
+        raise ValueError(f"packed weight holds {have} bytes; shape {tuple(state.shape)} needs {need}")
+    return reference.dequantize_4bit(packed, state, dtype)
