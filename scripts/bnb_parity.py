@@ -31,13 +31,14 @@ BLOCKSIZES = (64, 128, 256)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def near_tie(x: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, ulps: int = 4) -> torch.Tensor:
-    """Per element: is x/absmax within `ulps` float32 ulps of a 4-bit rounding threshold?"""
+def tie_distance(x: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str) -> torch.Tensor:
+    """Per element: distance of x * (1/absmax) from the nearest 4-bit rounding threshold, in
+    float32 ulps of the scaled value (0: an exact tie)."""
     s = (x.reshape(-1).float().view(-1, blocksize) * (1.0 / absmax)[:, None]).reshape(-1)
     thr = nf4_thresholds() if quant_type == "nf4" else fp4_magnitude_tables()[0]
     v = s if quant_type == "nf4" else s.abs()
     dist = (v[:, None] - thr.to(v.device)[None, :]).abs().amin(1)
-    return dist <= ulps * torch.finfo(torch.float32).eps * v.abs().clamp_min(1e-30)
+    return dist / (torch.finfo(torch.float32).eps * v.abs().clamp_min(1e-30))
 
 
 def compare(shape, dtype, blocksize, quant_type, double_quant) -> dict:
@@ -58,9 +59,10 @@ def compare(shape, dtype, blocksize, quant_type, double_quant) -> dict:
     codes_b, codes_q = unpack_nibbles(pb, w.numel()), unpack_nibbles(pq, w.numel())
     diff = codes_b != codes_q
     raw_absmax = w.reshape(-1).float().view(-1, blocksize).abs().amax(1)
-    ties = near_tie(w, raw_absmax, blocksize, quant_type)
+    ulps = tie_distance(w, raw_absmax, blocksize, quant_type)
     r["diff_codes"] = int(diff.sum())
-    r["diff_codes_not_near_tie"] = int((diff & ~ties).sum())
+    r["diff_codes_exact_tie"] = int((diff & (ulps == 0)).sum())
+    r["diff_codes_not_near_tie"] = int((diff & (ulps > 4)).sum())
     return r
 
 
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
         extra = (f"absmax codes {r['diff_absmax_codes']} nested {r['diff_nested_absmax']} offset {r['diff_offset']}"
                  if dq else f"absmax {r['diff_absmax']}")
         print(f"{str(shape):14} {r['dtype']:9} bs={bs:<4} {qt} dq={int(dq)}  diff bytes {r['diff_bytes']:>4} / "
-              f"{r['bytes']}  ({r['diff_codes']} codes, {r['diff_codes_not_near_tie']} not near a tie)  {extra}")
+              f"{r['bytes']}  ({r['diff_codes']} codes: {r['diff_codes_exact_tie']} exact ties, "
+              f"{r['diff_codes_not_near_tie']} over 4 ulps from a tie)  {extra}")
     inter = [interop(qt, dq) for qt in ("nf4", "fp4") for dq in (False, True)]
     for r in inter:
         print("interop", r)

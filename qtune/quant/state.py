@@ -96,9 +96,10 @@ class QuantState:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"quant state entry {packed[0]!r} is not UTF-8 JSON: {e}") from None
         quant_type = meta.get("quant_type")
-        if quant_type not in QUANT_TYPES or packed[0] != _PACKED_KEY + quant_type:
-            raise ValueError(f"quant state quant_type {quant_type!r} (key {packed[0]!r}) is not supported; "
-                             f"allowed: {', '.join(QUANT_TYPES)}")
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant state quant_type {quant_type!r} is not supported; allowed: {', '.join(QUANT_TYPES)}")
+        if packed[0] != _PACKED_KEY + quant_type:
+            raise ValueError(f"quant state key {packed[0]!r} does not match its quant_type {quant_type!r}")
         blocksize = meta.get("blocksize")
         if blocksize not in BLOCKSIZES:
             raise ValueError(f"quant state blocksize {blocksize!r} is not allowed; allowed: {BLOCKSIZES}")

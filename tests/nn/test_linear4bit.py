@@ -1,0 +1,175 @@
+"""Linear4bit: forward/backward against x @ deq(W)^T, dtype rules, device moves, state dicts, errors."""
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+
+from qtune.nn import Linear4bit, matmul_4bit, quantize_linears
+from qtune.quant import dequantize_4bit, quantize_4bit
+
+
+def one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_gradcheck_float64():
+    lin = nn.Linear(40, 24)
+    layer = Linear4bit.from_linear(lin, blocksize=32, double_quant=True, compute_dtype=torch.float64)
+    layer.bias.data = layer.bias.data.double()
+    x = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    assert layer.bias.requires_grad  # the bias gradient was checked too
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_forward_and_input_grad_match_dequantized_reference(quant_type):
+    lin = nn.Linear(192, 160)
+    layer = Linear4bit.from_linear(lin, quant_type=quant_type)
+    w = layer.dequantize()
+    x = torch.randn(4, 7, 192, requires_grad=True)
+    y = layer(x)
+    x_ref = x.detach().clone().requires_grad_()
+    b_ref = lin.bias.detach().clone().requires_grad_()
+    y_ref = x_ref @ w.T + b_ref
+    assert rel_err(y, y_ref) < 1e-6
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert rel_err(x.grad, x_ref.grad) < 1e-6
+    assert rel_err(layer.bias.grad, b_ref.grad) < 1e-6
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+
+
+def test_backward_saves_only_the_packed_weight():
+    layer = Linear4bit.from_linear(nn.Linear(256, 512, bias=False))
+    x = torch.randn(64, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    assert len(saved) == 1 and saved[0].dtype == torch.uint8 and saved[0].numel() == 256 * 512 // 2
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_inputs_cast_to_compute_dtype_and_back(in_dtype):
+    lin = nn.Linear(64, 32)
+    layer = Linear4bit.from_linear(lin, compute_dtype=torch.float32)
+    x = torch.randn(5, 64).to(in_dtype)
+    y = layer(x)
+    assert y.dtype == in_dtype
+    expect = (x.float() @ layer.dequantize(torch.float32).T + lin.bias).to(in_dtype)
+    assert torch.equal(y, expect)
+
+
+def test_compute_dtype_defaults_to_weight_dtype_and_shows_in_repr():
+    layer = Linear4bit.from_linear(nn.Linear(64, 32, dtype=torch.bfloat16), double_quant=True)
+    assert layer.compute_dtype == torch.bfloat16 and layer.weight_dtype == torch.bfloat16
+    r = repr(layer)
+    assert "quant_type=nf4" in r and "blocksize=64" in r and "compute_dtype=bfloat16" in r and "double_quant=True" in r
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_dtype_casts_leave_packed_weight_and_state_alone(storage):
+    layer = Linear4bit.from_linear(nn.Linear(64, 64), double_quant=True, quant_storage=storage)
+    before = layer.dequantize()
+    packed = layer.weight.detach().clone()
+    layer.half()
+    layer.to(torch.float64)
+    assert layer.weight.dtype == storage and torch.equal(layer.weight.view(torch.uint8), packed.view(torch.uint8))
+    assert layer.absmax.dtype == torch.uint8 and layer.nested_absmax.dtype == torch.float32
+    assert layer.bias.dtype == torch.float64  # the bias follows casts, as in nn.Linear
+    assert torch.equal(layer.dequantize(), before)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_state_dict_round_trip_is_bit_exact(double_quant, storage):
+    layer = Linear4bit.from_linear(nn.Linear(130, 96), quant_type="fp4", blocksize=128, double_quant=double_quant,
+                                   quant_storage=storage)
+    sd = layer.state_dict()
+    prefix = {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__fp4"}
+    assert prefix <= set(sd) and ({"weight.nested_absmax", "weight.nested_quant_map"} <= set(sd)) == double_quant
+    fresh = Linear4bit(130, 96)  # default nf4 / 64 / no double quant: all replaced by the checkpoint
+    result = fresh.load_state_dict(sd)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(fresh.weight.view(torch.uint8), layer.weight.view(torch.uint8))  # bytes: a float view may hold NaNs
+    assert torch.equal(fresh.absmax, layer.absmax)
+    assert fresh.quant_type == "fp4" and fresh.blocksize == 128 and fresh.double_quant == double_quant
+    assert torch.equal(fresh.dequantize(), layer.dequantize()) and torch.equal(fresh.bias, layer.bias)
+    x = torch.randn(3, 130)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_model_state_dict_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.Linear(64, 10))
+
+    model = quantize_linears(make(), skip_modules=["2"], double_quant=True)
+    assert isinstance(model[0], Linear4bit) and type(model[2]) is nn.Linear and isinstance(model[3], Linear4bit)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    other = quantize_linears(make(), skip_modules=["2"])
+    other.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    x = torch.randn(4, 64)
+    assert torch.equal(other(x), model(x))
+
+
+def test_load_errors():
+    layer = Linear4bit.from_linear(nn.Linear(64, 32))
+    with pytest.raises(ValueError) as e:
+        Linear4bit(64, 48).load_state_dict(layer.state_dict())
+    assert "checkpoint holds shape (32, 64); this layer is (48, 64)" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        Linear4bit(64, 32).load_state_dict(nn.Linear(64, 32).state_dict())
+    assert "not a 4-bit checkpoint" in one_line(e)
+    sd = layer.state_dict()
+    sd["weight"] = sd["weight"][:10]
+    with pytest.raises(ValueError) as e:
+        Linear4bit(64, 32).load_state_dict(sd)
+    assert "holds 10 bytes" in one_line(e)
+
+
+@pytest.mark.parametrize("shape", [(64,), (4, 8, 16)])
+def test_from_linear_needs_a_matrix(shape):
+    lin = nn.Linear(8, 8)
+    lin.weight = nn.Parameter(torch.randn(shape))
+    with pytest.raises(ValueError) as e:
+        Linear4bit.from_linear(lin, name="m.weight")
+    assert f"m.weight must be a 2-D matrix (out_features, in_features); got shape {shape}" in one_line(e)
+
+
+def test_from_linear_errors():
+    lin = nn.Linear(64, 64)
+    with pytest.raises(ValueError) as e:
+        Linear4bit.from_linear(lin, quant_type="int4")
+    assert "allowed: nf4, fp4" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        Linear4bit.from_linear(lin, blocksize=100)
+    assert "blocksize 100" in one_line(e)
+    lin.weight = nn.Parameter(torch.ones(64, 64, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(TypeError) as e:
+        Linear4bit.from_linear(lin)
+    assert "not a float" in one_line(e)
+    with pytest.raises(TypeError) as e:
+        Linear4bit(64, 64, compute_dtype=torch.int8)
+    assert "compute_dtype" in one_line(e)
+
+
+def test_quantize_linears_names_the_bad_weight():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].weight[3, 5] = float("nan")
+    with pytest.raises(ValueError) as e:
+        quantize_linears(model)
+    assert one_line(e).startswith("1.weight has 1 non-finite value")
+
+
+def test_matmul_4bit_functional():
+    w = torch.randn(48, 64)
+    packed, state = quantize_4bit(w, 64, "nf4", True)
+    x = torch.randn(2, 64)
+    assert torch.equal(matmul_4bit(x, packed, state), x @ dequantize_4bit(packed, state).T)
