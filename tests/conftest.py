@@ -15,3 +15,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
+
+
+def one_line(excinfo) -> str:
+    """The message of a pytest.raises excinfo, asserted to be one non-empty line."""
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg
+    return msg

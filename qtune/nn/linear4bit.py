@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..quant.codes import FLOAT_DTYPES
-from ..quant.functional import check_quant_args, dequantize_4bit, quantize_4bit
+from ..quant.functional import check_packed_size, check_quant_args, dequantize_4bit, quantize_4bit
 from ..quant.state import NestedState, QuantState, dtype_name
 
 COMPUTE_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradient checks
@@ -148,9 +148,7 @@ class Linear4bit(nn.Module):
             if tuple(state.shape) != shape:
                 raise ValueError(f"{key}: checkpoint holds shape {tuple(state.shape)}; this layer is {shape}")
             packed = state_dict.pop(key)
-            need, have = -(-state.numel // 2), packed.numel() * packed.element_size()
-            if have < need:
-                raise ValueError(f"{key} holds {have} bytes; shape {shape} needs {need}")
+            check_packed_size(packed, state, key)
             device = self.weight.device
             self._set_quantized(packed.to(device).reshape(-1, 1), state.to(device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

@@ -55,11 +55,14 @@ def quantize_4bit(
     return reference.quantize_4bit(A, blocksize, quant_type, double_quant, quant_storage)
 
 
+def check_packed_size(packed: torch.Tensor, state: QuantState, name: str = "packed weight") -> None:
+    """One-line ValueError when `packed` holds fewer bytes than the state's shape needs."""
+    need, have = -(-state.numel // 2), packed.numel() * packed.element_size()
+    if have < need:
+        raise ValueError(f"{name} holds {have} bytes; shape {tuple(state.shape)} needs {need}")
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode a packed 4-bit tensor to `dtype` (default: the dtype it was quantized from)."""
-    dtype = dtype or state.dtype
-    need = -(-state.numel // 2)
-    have = packed.numel() * packed.element_size()
-    if have < need:
-        raise ValueError(f"packed weight holds {have} bytes; shape {tuple(state.shape)} needs {need}")
-    return reference.dequantize_4bit(packed, state, dtype)
+    check_packed_size(packed, state)
+    return reference.dequantize_4bit(packed, state, dtype or state.dtype)

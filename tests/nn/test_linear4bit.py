@@ -2,17 +2,11 @@
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import one_line, rel_err
 from torch import nn
 
 from qtune.nn import Linear4bit, matmul_4bit, quantize_linears
 from qtune.quant import dequantize_4bit, quantize_4bit
-
-
-def one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg
-    return msg
 
 
 def test_gradcheck_float64():

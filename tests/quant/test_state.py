@@ -4,15 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import one_line
 from safetensors.torch import load_file, save_file
 
 from qtune.quant import QuantState, dequantize_4bit, quantize_4bit
-
-
-def one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg
-    return msg
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
