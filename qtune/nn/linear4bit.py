@@ -39,30 +39,50 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: 
     return Matmul4bit.apply(x, packed, state, bias)
 
 
-class Linear4bit(nn.Module):
+def _check_matrix(w: torch.Tensor, name: str) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D matrix (out_features, in_features); got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise TypeError(f"{name} dtype {dtype_name(w.dtype)} is not a float; allowed: "
+                        f"{', '.join(dtype_name(t) for t in FLOAT_DTYPES)}")
+
+
+class Params4bit(nn.Parameter):
+    """The packed 4-bit weight. A distinct class so that code which casts every 16-bit parameter
+    (peft's `prepare_model_for_kbit_training` skips classes named `Params4bit`) leaves a float
+    `quant_storage` alone."""
+
+
+class Linear4bit(nn.Linear):
     """nn.Linear with a frozen NF4/FP4 weight. Its state dict uses bitsandbytes' keys (`weight`,
     `weight.absmax`, `weight.quant_map`, [`weight.nested_absmax`, `weight.nested_quant_map`],
     `weight.quant_state.bitsandbytes__<type>`), so either library loads the other's checkpoints.
 
-    Inputs are cast to `compute_dtype`; the output comes back in the input's dtype.
+    A layer is built unquantized (a float `weight`, e.g. on the meta device while a model is being
+    loaded) and quantized by `quantize_()`, by loading a float or 4-bit state dict, or directly by
+    `from_linear`. Inputs are cast to `compute_dtype`; the output comes back in the input's dtype.
+    It subclasses nn.Linear so that peft wraps it with its LoRA Linear ("all-linear" included).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False,
-                 compute_dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8,
-                 device: torch.device | str | None = None) -> None:
-        """An empty layer (zero weight) to be filled by `load_state_dict`; see `from_linear`."""
-        super().__init__()
+                 compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        nn.Module.__init__(self)  # not nn.Linear's: no weight initialisation, it is replaced anyway
         check_quant_args(quant_type, blocksize)
-        if compute_dtype not in COMPUTE_DTYPES:
+        if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
             raise TypeError(f"compute_dtype {compute_dtype} is not supported; allowed: "
                             f"{', '.join(dtype_name(t) for t in COMPUTE_DTYPES)}")
         self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.blocksize, self.quant_storage = quant_type, blocksize, quant_storage
         self.compute_dtype = compute_dtype
-        packed, state = quantize_4bit(torch.zeros(out_features, in_features, device=device), blocksize,
-                                      quant_type, double_quant, quant_storage)
-        self._set_quantized(packed, state)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.weight_dtype = dtype or torch.get_default_dtype()
+        self._double_quant = double_quant
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=self.weight_dtype),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight_dtype)) if bias else None
+        for key in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset"):
+            self.register_buffer(key, None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, quant_type: str = "nf4", blocksize: int = 64,
@@ -71,41 +91,55 @@ class Linear4bit(nn.Module):
         """Quantize an nn.Linear's weight (on its device); the bias is kept as is.
         compute_dtype defaults to the weight's dtype. `name` labels the weight in errors."""
         w = linear.weight
-        if w.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D matrix (out_features, in_features); got shape {tuple(w.shape)}")
-        if not w.is_floating_point():
-            raise TypeError(f"{name} dtype {dtype_name(w.dtype)} is not a float; allowed: "
-                            f"{', '.join(dtype_name(t) for t in FLOAT_DTYPES)}")
-        check_quant_args(quant_type, blocksize)
-        layer = cls.__new__(cls)  # skip __init__: it would quantize a zero matrix first
-        nn.Module.__init__(layer)
-        layer.out_features, layer.in_features = w.shape
-        layer.compute_dtype = compute_dtype or w.dtype
-        with torch.no_grad():
-            layer._set_quantized(*quantize_4bit(w.detach(), blocksize, quant_type, double_quant, quant_storage, name))
+        _check_matrix(w, name)
+        layer = cls(w.shape[1], w.shape[0], bias=False, quant_type=quant_type, blocksize=blocksize,
+                    double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage,
+                    device="meta", dtype=w.dtype)
+        layer.quantize_(w, name)
         b = linear.bias
         layer.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
         return layer
 
-    def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
-        """Hold the packed weight as a frozen parameter and the state's tensors as non-persistent
-        buffers (so .to()/.cuda() move them); the state dict is written in bitsandbytes' layout."""
-        self.weight = nn.Parameter(packed, requires_grad=False)
-        self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
-        self.register_buffer("absmax", state.absmax, persistent=False)
-        self.register_buffer("quant_map", state.code, persistent=False)
-        nested = state.nested
-        for key, value in (("nested_absmax", nested and nested.absmax), ("nested_quant_map", nested and nested.code),
-                           ("nested_offset", nested and nested.offset)):
-            self.register_buffer(key, value, persistent=False)
+    @property
+    def is_quantized(self) -> bool:
+        return self.absmax is not None
 
     @property
     def double_quant(self) -> bool:
-        return self.nested_absmax is not None
+        return self._double_quant
+
+    def quantize_(self, weight: torch.Tensor | None = None, name: str = "weight") -> Linear4bit:
+        """Quantize `weight` (default: this layer's float weight) with this layer's settings, on
+        the weight's device, and keep only the packed result. Returns self."""
+        w = self.weight if weight is None else weight
+        _check_matrix(w, name)
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{name} has shape {tuple(w.shape)}; this layer is "
+                             f"{(self.out_features, self.in_features)}")
+        with torch.no_grad():
+            packed, state = quantize_4bit(w.detach(), self.blocksize, self.quant_type, self._double_quant,
+                                          self.quant_storage, name)
+        self._set_quantized(packed, state)
+        return self
+
+    def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Hold the packed weight as a frozen parameter and the state's tensors as non-persistent
+        buffers (so .to()/.cuda() move them); the state dict is written in bitsandbytes' layout."""
+        self.weight = Params4bit(packed, requires_grad=False)
+        self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
+        self.quant_storage = packed.dtype
+        self.compute_dtype = self.compute_dtype or state.dtype
+        self.absmax, self.quant_map = state.absmax, state.code
+        nested = state.nested
+        self._double_quant = nested is not None
+        self.nested_absmax = nested and nested.absmax
+        self.nested_quant_map = nested and nested.code
+        self.nested_offset = nested and nested.offset
 
     @property
     def quant_state(self) -> QuantState:
         """A view of this layer's quantization state (shares its tensors)."""
+        self._check_quantized()
         nested = None
         if self.double_quant:
             nested = NestedState(absmax=self.nested_absmax, code=self.nested_quant_map, offset=self.nested_offset)
@@ -113,50 +147,72 @@ class Linear4bit(nn.Module):
                           dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
                           code=self.quant_map, nested=nested)
 
+    def _check_quantized(self) -> None:
+        if not self.is_quantized:
+            raise RuntimeError("this Linear4bit holds no quantized weight yet: call quantize_() or load a state dict")
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight decoded to `dtype` (default: the dtype it was quantized from)."""
         return dequantize_4bit(self.weight, self.quant_state, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.quant_state
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return matmul_4bit(x.to(self.compute_dtype), self.weight, self.quant_state, bias).to(x.dtype)
+        return matmul_4bit(x.to(self.compute_dtype), self.weight, state, bias).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # Device moves apply to the packed weight and the quant state, dtype casts never do:
         # model.half() must not reinterpret packed bytes held as a float quant_storage, nor round absmax.
+        if not self.is_quantized:
+            return super()._apply(fn, recurse)
         device = fn(torch.empty(0, device=self.weight.device)).device
         frozen = {id(t) for t in (self.weight, *self._buffers.values()) if t is not None}
         return super()._apply(lambda t: t.to(device) if id(t) in frozen else fn(t), recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, value in self.quant_state.to_dict().items():
-            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+        if self.is_quantized:
+            for key, value in self.quant_state.to_dict().items():
+                destination[prefix + "weight." + key] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Takes the packed weight and its quant state out of state_dict (a per-module copy) and
-        # leaves the bias to nn.Module.
+        # Takes the weight and its quant state out of state_dict (a per-module copy): a 4-bit
+        # checkpoint is loaded as is, a float weight is quantized with this layer's settings. The
+        # bias is left to nn.Module.
         key, qs_prefix = prefix + "weight", prefix + "weight."
         qs_keys = [k for k in state_dict if k.startswith(qs_prefix)] if key in state_dict else []
-        if key in state_dict:
-            if not qs_keys:
-                raise ValueError(f"{key} has no quant state ({qs_prefix}absmax, {qs_prefix}quant_map, "
-                                 f"{qs_prefix}quant_state.bitsandbytes__<nf4|fp4>); it is not a 4-bit checkpoint")
-            state = QuantState.from_dict({k[len(qs_prefix):]: state_dict.pop(k) for k in qs_keys})
-            shape = (self.out_features, self.in_features)
-            if tuple(state.shape) != shape:
-                raise ValueError(f"{key}: checkpoint holds shape {tuple(state.shape)}; this layer is {shape}")
-            packed = state_dict.pop(key)
-            check_packed_size(packed, state, key)
-            device = self.weight.device
-            self._set_quantized(packed.to(device).reshape(-1, 1), state.to(device))
+        if qs_keys:
+            self.load_quantized(state_dict.pop(key), {k[len(qs_prefix):]: state_dict.pop(k) for k in qs_keys}, key)
+        elif key in state_dict:
+            w = state_dict.pop(key)
+            if not w.is_floating_point():
+                raise ValueError(f"{key} is a packed {dtype_name(w.dtype)} tensor without its quant state "
+                                 f"({qs_prefix}absmax, {qs_prefix}quant_map, {qs_prefix}quant_state.bitsandbytes__"
+                                 f"<nf4|fp4>)")
+            self.quantize_(w.to(self._target_device(w)), key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if qs_keys and key in missing_keys:  # loaded above, popped before nn.Module looked
+        if key in missing_keys and self.is_quantized:  # loaded above, popped before nn.Module looked
             missing_keys.remove(key)
 
+    def _target_device(self, incoming: torch.Tensor) -> torch.device:
+        """Where loaded tensors go: the layer's device, or the checkpoint's while the layer is on meta."""
+        return incoming.device if self.weight.device.type == "meta" else self.weight.device
+
+    def load_quantized(self, packed: torch.Tensor, stats: dict[str, torch.Tensor], name: str = "weight") -> None:
+        """Take a packed weight and its bitsandbytes-layout quant state (keys as in the state dict,
+        without the `weight.` prefix), checking they fit this layer."""
+        state = QuantState.from_dict(stats)
+        shape = (self.out_features, self.in_features)
+        if tuple(state.shape) != shape:
+            raise ValueError(f"{name}: checkpoint holds shape {tuple(state.shape)}; this layer is {shape}")
+        check_packed_size(packed, state, name)
+        device = self._target_device(packed)
+        self._set_quantized(packed.to(device).reshape(-1, 1), state.to(device))
+
     def extra_repr(self) -> str:
+        compute = dtype_name(self.compute_dtype) if self.compute_dtype else "weight dtype"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
-                f"compute_dtype={dtype_name(self.compute_dtype)}")
+                f"compute_dtype={compute}")

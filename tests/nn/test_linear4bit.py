@@ -118,8 +118,11 @@ def test_load_errors():
         Linear4bit(64, 48).load_state_dict(layer.state_dict())
     assert "checkpoint holds shape (32, 64); this layer is (48, 64)" in one_line(e)
     with pytest.raises(ValueError) as e:
-        Linear4bit(64, 32).load_state_dict(nn.Linear(64, 32).state_dict())
-    assert "not a 4-bit checkpoint" in one_line(e)
+        Linear4bit(64, 32).load_state_dict({"weight": layer.weight})
+    assert "packed uint8 tensor without its quant state" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        Linear4bit(64, 32).load_state_dict(nn.Linear(64, 48).state_dict())
+    assert "weight has shape (48, 64); this layer is (32, 64)" in one_line(e)
     sd = layer.state_dict()
     sd["weight"] = sd["weight"][:10]
     with pytest.raises(ValueError) as e:
@@ -167,3 +170,25 @@ def test_matmul_4bit_functional():
     packed, state = quantize_4bit(w, 64, "nf4", True)
     x = torch.randn(2, 64)
     assert torch.equal(matmul_4bit(x, packed, state), x @ dequantize_4bit(packed, state).T)
+
+
+def test_float_state_dict_quantizes_with_the_layers_settings():
+    lin = nn.Linear(128, 64)
+    layer = Linear4bit(128, 64, quant_type="fp4", double_quant=True, device="meta")
+    assert not layer.is_quantized and isinstance(layer, nn.Linear)
+    with pytest.raises(RuntimeError) as e:
+        layer(torch.randn(2, 128))
+    assert "no quantized weight yet" in one_line(e)
+    layer.load_state_dict(lin.state_dict(), assign=True)  # assign: the bias is on meta too
+    expect = Linear4bit.from_linear(lin, quant_type="fp4", double_quant=True)
+    assert layer.is_quantized and torch.equal(layer.weight, expect.weight)
+    assert torch.equal(layer.dequantize(), expect.dequantize()) and torch.equal(layer.bias, lin.bias)
+
+
+def test_quantize_in_place():
+    layer = Linear4bit(64, 32, bias=False, blocksize=32)
+    with torch.no_grad():
+        layer.weight.normal_()
+    w = layer.weight.detach().clone()
+    layer.quantize_()
+    assert layer.weight.dtype == torch.uint8 and 0.085 < rel_err(layer.dequantize(), w) < 0.095
