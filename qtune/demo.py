@@ -18,13 +18,8 @@ from .quant import BLOCKSIZES, QUANT_TYPES
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes held by parameters and buffers (packed weights and quant states included)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t is not None and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of the model's state dict (packed weights and quant states included)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def tiny_llama(path: str, seed: int = 0) -> nn.Module:
@@ -64,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens = model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)
 
     rel = float((logits - ref_logits).norm() / ref_logits.norm())
-    print(f"\nmemory (parameters + buffers): {before / 2**20:.2f} MiB fp32 -> {after / 2**20:.2f} MiB with "
+    print(f"\nmemory (state dict): {before / 2**20:.2f} MiB fp32 -> {after / 2**20:.2f} MiB with "
           f"{args.quant_type}{' + double quant' if args.double_quant else ''} (lm_head and embeddings kept)")
     print(f"logits vs the fp32 model: relative error {rel:.4f}")
     print(f"greedy tokens, fp32 model: {ref_tokens[0, prompt.shape[1]:].tolist()}")

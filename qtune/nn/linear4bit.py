@@ -7,7 +7,7 @@ from torch import nn
 
 from ..quant.codes import FLOAT_DTYPES
 from ..quant.functional import check_packed_size, check_quant_args, dequantize_4bit, quantize_4bit
-from ..quant.state import NestedState, QuantState, dtype_name
+from ..quant.state import QuantState, dtype_name
 
 COMPUTE_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradient checks
 
@@ -81,8 +81,7 @@ class Linear4bit(nn.Linear):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=self.weight_dtype),
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight_dtype)) if bias else None
-        for key in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset"):
-            self.register_buffer(key, None, persistent=False)
+        self._state: QuantState | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, quant_type: str = "nf4", blocksize: int = 64,
@@ -102,7 +101,7 @@ class Linear4bit(nn.Linear):
 
     @property
     def is_quantized(self) -> bool:
-        return self.absmax is not None
+        return self._state is not None
 
     @property
     def double_quant(self) -> bool:
@@ -123,29 +122,20 @@ class Linear4bit(nn.Linear):
         return self
 
     def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
-        """Hold the packed weight as a frozen parameter and the state's tensors as non-persistent
-        buffers (so .to()/.cuda() move them); the state dict is written in bitsandbytes' layout."""
+        """Hold the packed weight as a frozen parameter and the QuantState as a plain attribute (not
+        buffers: transformers re-creates non-persistent buffers after loading); `_apply` moves it."""
         self.weight = Params4bit(packed, requires_grad=False)
         self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
         self.quant_storage = packed.dtype
         self.compute_dtype = self.compute_dtype or state.dtype
-        self.absmax, self.quant_map = state.absmax, state.code
-        nested = state.nested
-        self._double_quant = nested is not None
-        self.nested_absmax = nested and nested.absmax
-        self.nested_quant_map = nested and nested.code
-        self.nested_offset = nested and nested.offset
+        self._double_quant = state.nested is not None
+        self._state = state
 
     @property
     def quant_state(self) -> QuantState:
-        """A view of this layer's quantization state (shares its tensors)."""
+        """This layer's quantization state (absmax, code table, nested state, shape, dtype)."""
         self._check_quantized()
-        nested = None
-        if self.double_quant:
-            nested = NestedState(absmax=self.nested_absmax, code=self.nested_quant_map, offset=self.nested_offset)
-        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                          dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
-                          code=self.quant_map, nested=nested)
+        return self._state
 
     def _check_quantized(self) -> None:
         if not self.is_quantized:
@@ -166,8 +156,10 @@ class Linear4bit(nn.Linear):
         if not self.is_quantized:
             return super()._apply(fn, recurse)
         device = fn(torch.empty(0, device=self.weight.device)).device
-        frozen = {id(t) for t in (self.weight, *self._buffers.values()) if t is not None}
-        return super()._apply(lambda t: t.to(device) if id(t) in frozen else fn(t), recurse)
+        weight = self.weight
+        out = super()._apply(lambda t: t.to(device) if t is weight else fn(t), recurse)
+        self._state = self._state.to(device)
+        return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

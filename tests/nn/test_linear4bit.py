@@ -72,7 +72,8 @@ def test_dtype_casts_leave_packed_weight_and_state_alone(storage):
     layer.half()
     layer.to(torch.float64)
     assert layer.weight.dtype == storage and torch.equal(layer.weight.view(torch.uint8), packed.view(torch.uint8))
-    assert layer.absmax.dtype == torch.uint8 and layer.nested_absmax.dtype == torch.float32
+    state = layer.quant_state
+    assert state.absmax.dtype == torch.uint8 and state.nested.absmax.dtype == torch.float32
     assert layer.bias.dtype == torch.float64  # the bias follows casts, as in nn.Linear
     assert torch.equal(layer.dequantize(), before)
 
@@ -89,7 +90,7 @@ def test_state_dict_round_trip_is_bit_exact(double_quant, storage):
     result = fresh.load_state_dict(sd)
     assert not result.missing_keys and not result.unexpected_keys
     assert torch.equal(fresh.weight.view(torch.uint8), layer.weight.view(torch.uint8))  # bytes: a float view may hold NaNs
-    assert torch.equal(fresh.absmax, layer.absmax)
+    assert torch.equal(fresh.quant_state.absmax, layer.quant_state.absmax)
     assert fresh.quant_type == "fp4" and fresh.blocksize == 128 and fresh.double_quant == double_quant
     assert torch.equal(fresh.dequantize(), layer.dequantize()) and torch.equal(fresh.bias, layer.bias)
     x = torch.randn(3, 130)

@@ -1,0 +1,26 @@
+"""Getting a quantized model ready for LoRA training without needless upcasts."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True, use_reentrant: bool = False) -> nn.Module:
+    """Freeze the base weights, turn on gradient checkpointing (non-reentrant by default, so
+    inputs need no gradients) and turn off the KV cache. Unlike peft's
+    `prepare_model_for_kbit_training`, nothing is upcast: transformers' norms already compute in
+    fp32 internally, and fp32 embeddings or lm_head would drag activations and logits into fp32.
+
+    Call it before `get_peft_model` (it freezes every parameter present)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kwargs = {"use_reentrant": use_reentrant}
+    if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if gradient_checkpointing and use_reentrant and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model
