@@ -22,3 +22,17 @@ def one_line(excinfo) -> str:
     msg = str(excinfo.value)
     assert msg and "\n" not in msg
     return msg
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(arch) -> path of a saved tiny model of that architecture (built once a session)."""
+    from qtune.hf.tiny import build_tiny_model
+
+    cache = {}
+
+    def get(arch: str = "llama") -> str:
+        if arch not in cache:
+            cache[arch] = build_tiny_model(tmp_path_factory.mktemp(arch), arch)
+        return cache[arch]
+
+    return get

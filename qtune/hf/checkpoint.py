@@ -33,7 +33,7 @@ def from_pretrained(path: str | os.PathLike, quantization_config: QuantConfig | 
         qc = QuantConfig.from_bnb(saved)
         if quantization_config is not None and quantization_config.compute_dtype is not None:
             qc.compute_dtype = quantization_config.compute_dtype  # a loading attribute, as in transformers
-        config.quantization_config = qc
+        config.quantization_config = qc.to_dict()
         return model_class.from_pretrained(path, config=config, **kwargs)
     return model_class.from_pretrained(path, config=config, quantization_config=quantization_config, **kwargs)
 

@@ -150,7 +150,8 @@ class QtuneHfQuantizer(HfQuantizer):
         devices = {p.device for p in model.parameters()}
         if not hasattr(model, "hf_device_map") and len(devices) == 1:  # transformers sets it for multi-device maps
             (device,) = devices
-            model.hf_device_map = {"": device.index if device.type == "cuda" else device.type}
+            if device.type != "cpu":  # {"": "cpu"} would read as CPU offload to save_pretrained
+                model.hf_device_map = {"": device.index if device.type == "cuda" else str(device)}
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
