@@ -102,3 +102,26 @@ def test_lora_train_and_generate_on_cuda(bf16_dir):
     peft_model.eval()
     out = peft_model.generate(input_ids=x[:1, :8], max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 14)
+
+
+def test_quantize_on_load_never_holds_the_whole_model_in_bf16(tmp_path):
+    """Peak GPU memory while loading stays far below the bf16 model: weights are quantized one
+    tensor at a time as they arrive."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1024, hidden_size=2048, intermediate_size=5504, num_hidden_layers=8,
+                         num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+    with torch.device("cuda"):
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    bf16_bytes = sum(p.numel() * 2 for p in LlamaForCausalLM(config).parameters())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map={"": 0},
+                                                 quantization_config=QuantConfig(**BNB_ARGS))
+    peak = torch.cuda.max_memory_allocated() - base
+    held = torch.cuda.memory_allocated() - base
+    print(f"\nload: bf16 model {bf16_bytes / 2**20:.0f} MiB, peak while loading {peak / 2**20:.0f} MiB, "
+          f"held after {held / 2**20:.0f} MiB")
+    assert held < 0.35 * bf16_bytes and peak < 0.6 * bf16_bytes
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 8 * 7

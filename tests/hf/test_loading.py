@@ -18,7 +18,7 @@ ARCHS = ["llama", "mistral", "opt", "gpt_neox"]
 
 
 def load(path, **kw):
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=QuantConfig(**kw))
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=QuantConfig(**kw), device_map="cpu")
 
 
 def tokens(n=2, t=24):
@@ -65,7 +65,7 @@ def test_save_reload_is_bit_exact(tiny_dir, tmp_path, arch):
     model.save_pretrained(tmp_path)
     config = json.load(open(tmp_path / "config.json"))["quantization_config"]
     assert config["quant_method"] == "qtune" and config["blocksize"] == 128
-    again = AutoModelForCausalLM.from_pretrained(tmp_path)  # no quantization_config: read from the checkpoint
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")  # quantization_config read from the checkpoint
     sd, sd2 = model.state_dict(), again.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
     x = tokens()
@@ -111,7 +111,7 @@ def _bitsandbytes_checkpoint(src, dst, model):
 def test_bitsandbytes_layout_checkpoint_loads(tiny_dir, tmp_path):
     model = load(tiny_dir("llama"), double_quant=True)
     _bitsandbytes_checkpoint(tiny_dir("llama"), tmp_path, model)
-    loaded = qtune.from_pretrained(tmp_path)
+    loaded = qtune.from_pretrained(tmp_path, device_map="cpu")
     assert isinstance(loaded.config.quantization_config, QuantConfig)
     assert linear_names(loaded, Linear4bit) == linear_names(model, Linear4bit)
     x = tokens()
@@ -128,7 +128,7 @@ def test_export_in_bitsandbytes_layout(tiny_dir, tmp_path):
     keys = load_file(os.path.join(out, "model.safetensors")).keys()
     assert "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__fp4" in keys
     assert "model.layers.0.mlp.up_proj.weight.nested_absmax" in keys
-    again = qtune.from_pretrained(out)
+    again = qtune.from_pretrained(out, device_map="cpu")
     x = tokens()
     with torch.no_grad():
         assert torch.equal(again(x).logits, model(x).logits)
@@ -138,7 +138,7 @@ def test_export_in_bitsandbytes_layout(tiny_dir, tmp_path):
 
 
 def test_device_maps_on_cpu(tiny_dir):
-    for device_map in ("auto", {"": "cpu"}):
+    for device_map in [{"": "cpu"}] + ([] if torch.cuda.is_available() else ["auto"]):
         model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), quantization_config=QuantConfig(),
                                                      device_map=device_map)
         assert {p.device.type for p in model.parameters()} == {"cpu"}  # (GPU: hf_device_map {"": 0}, gpu tests)

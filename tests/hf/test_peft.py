@@ -11,7 +11,8 @@ from qtune import Linear4bit, QuantConfig
 
 
 def load(path, **kw):
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=QuantConfig(double_quant=True, **kw))
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=QuantConfig(double_quant=True, **kw),
+                                                device_map="cpu")
 
 
 def batch():
@@ -76,7 +77,7 @@ def test_peft_prepare_model_for_kbit_training_still_works(tiny_dir):
 
 
 def test_prepare_for_training_does_not_upcast(tiny_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dtype=torch.bfloat16,
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dtype=torch.bfloat16, device_map="cpu",
                                                  quantization_config=QuantConfig(compute_dtype=torch.bfloat16))
     qtune.prepare_for_training(model)
     floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
