@@ -1,0 +1,153 @@
+"""Fused multi-tensor Adam(W) step with blockwise 8-bit (or float32) moments, and its launcher.
+
+One launch updates every tensor of a work list: each program takes a run of 256-value blocks of
+one tensor (found through tables of pointers, sizes and state offsets), reads the parameter,
+gradient and both moments once, and writes them once. The 8-bit moments live in flat buffers
+(codes uint8, one float32 absmax per 256 values); the parameter and gradient pointers come from
+tables because each tensor is its own allocation. Imports torch and triton only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 256  # values per absmax block
+BLOCKS_PER_PROGRAM = 4
+LOG10_2 = 0.30102999566398120
+LOG2_10 = 3.32192809488736235
+
+
+@triton.jit
+def _dynamic_index(x, code_ptr, SIGNED: tl.constexpr):
+    """Index of the nearest entry of bitsandbytes' 8-bit dynamic map to x in [-1, 1] (ties to the
+    lower index): a closed-form guess from the map's structure (decade k holds 2**k (signed) or
+    2**(k+1) (unsigned) evenly spaced means), corrected twice against the neighbours' midpoints."""
+    ax = tl.abs(x)
+    k = tl.floor(tl.log2(tl.maximum(ax, 1e-30)) * LOG10_2) + 7.0
+    k = tl.minimum(tl.maximum(k, 0.0), 6.0)
+    scale = tl.exp2((k - 6.0) * LOG2_10)
+    if SIGNED:
+        n = tl.exp2(k)
+    else:
+        n = tl.exp2(k + 1.0)
+    j = tl.floor((ax / scale - 0.1) * n / 0.9)
+    j = tl.minimum(tl.maximum(j, 0.0), n - 1.0)
+    if SIGNED:
+        idx = tl.where(x >= 0, 127.0 + n + j, 127.0 - n - j).to(tl.int32)
+    else:
+        idx = (n - 1.0 + j).to(tl.int32)
+    for _ in tl.static_range(2):
+        lo = tl.maximum(idx - 1, 0)
+        hi = tl.minimum(idx + 1, 255)
+        c = tl.load(code_ptr + idx)
+        mid_lo = (tl.load(code_ptr + lo) + c) * 0.5
+        mid_hi = (c + tl.load(code_ptr + hi)) * 0.5
+        idx = tl.where((x > mid_hi) & (idx < 255), idx + 1, tl.where((x <= mid_lo) & (idx > 0), idx - 1, idx))
+    return idx
+
+
+@triton.jit
+def _to_param_dtype(x, P_DTYPE: tl.constexpr):
+    """Round float32 to the parameter dtype to nearest-even. bf16 is rounded by hand: Triton's
+    interpreter truncates on that cast (the GPU rounds; both then agree)."""
+    if P_DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & -65536
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(P_DTYPE)
+
+
+@triton.jit
+def _quantize_rows(s, absmax, code_ptr, SIGNED: tl.constexpr):
+    scaled = tl.where(absmax[:, None] > 0, tl.math.div_rn(s, absmax[:, None]), 0.0)
+    idx = _dynamic_index(scaled, code_ptr, SIGNED)
+    if SIGNED:  # a negative first moment never rounds to +0 (keeps its sign, as in bitsandbytes)
+        idx = tl.where((scaled < 0) & (idx == 127), 126, idx)
+    return idx.to(tl.uint8)
+
+
+@triton.jit
+def _adam_kernel(work_ptr, pptr_ptr, gptr_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
+                 s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_ptr,
+                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
+                 P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
+                 NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    w = tl.program_id(0)
+    slot = tl.load(work_ptr + 2 * w)
+    first = tl.load(work_ptr + 2 * w + 1).to(tl.int64)
+    p_ptr = tl.load(pptr_ptr + slot).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(gptr_ptr + slot).to(tl.pointer_type(P_DTYPE))
+    numel = tl.load(numel_ptr + slot)
+    elem_off = tl.load(elem_off_ptr + slot)
+    step_size = tl.load(scal_ptr + 2 * slot)
+    eps_hat = tl.load(scal_ptr + 2 * slot + 1)
+
+    rows = first + tl.arange(0, NB)
+    offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
+    mask = offs < numel
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if USE_L2:
+        g = g + l2 * p
+    finite = (g == g) & (tl.abs(g) != float("inf"))
+    g = tl.where(finite, g, 0.0)
+    if EIGHT_BIT:
+        block_off = tl.load(block_off_ptr + slot)
+        row_mask = rows * BLOCK_SIZE < numel
+        a1 = tl.load(a1_ptr + block_off + rows, mask=row_mask, other=0.0)
+        a2 = tl.load(a2_ptr + block_off + rows, mask=row_mask, other=0.0)
+        c1 = tl.load(s1_ptr + elem_off + offs, mask=mask, other=127).to(tl.int32)
+        c2 = tl.load(s2_ptr + elem_off + offs, mask=mask, other=0).to(tl.int32)
+        s1 = tl.load(code1_ptr + c1) * a1[:, None]
+        s2 = tl.load(code2_ptr + c2) * a2[:, None]
+    else:
+        s1 = tl.load(s1_ptr + elem_off + offs, mask=mask, other=0.0)
+        s2 = tl.load(s2_ptr + elem_off + offs, mask=mask, other=0.0)
+    s1 = tl.where(finite & mask, s1 * beta1 + one_minus_beta1 * g, 0.0)
+    s2 = tl.where(finite & mask, s2 * beta2 + one_minus_beta2 * g * g, 0.0)
+    new = p + step_size * tl.math.div_rn(s1, tl.sqrt_rn(s2) + eps_hat)
+    if USE_DECAY:
+        new = new * decay
+    tl.store(p_ptr + offs, _to_param_dtype(tl.where(finite, new, p), P_DTYPE), mask=mask)
+    if EIGHT_BIT:
+        n1 = tl.max(tl.abs(s1), axis=1)
+        n2 = tl.max(tl.abs(s2), axis=1)
+        tl.store(s1_ptr + elem_off + offs, _quantize_rows(s1, n1, code1_ptr, True), mask=mask)
+        tl.store(s2_ptr + elem_off + offs, _quantize_rows(s2, n2, code2_ptr, False), mask=mask)
+        tl.store(a1_ptr + block_off + rows, n1, mask=row_mask)
+        tl.store(a2_ptr + block_off + rows, n2, mask=row_mask)
+    else:
+        tl.store(s1_ptr + elem_off + offs, s1, mask=mask)
+        tl.store(s2_ptr + elem_off + offs, s2, mask=mask)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def work_list(numels: list[int], device: torch.device) -> torch.Tensor:
+    """int32 (n_programs, 2): (tensor slot, first block) for runs of BLOCKS_PER_PROGRAM blocks."""
+    items = [(slot, b) for slot, n in enumerate(numels) for b in range(0, -(-n // BLOCK), BLOCKS_PER_PROGRAM)]
+    return torch.tensor(items, dtype=torch.int32, device=device).reshape(-1, 2)
+
+
+def adam_step(work: torch.Tensor, p_ptrs: torch.Tensor, g_ptrs: torch.Tensor, numels: torch.Tensor,
+              elem_offs: torch.Tensor, block_offs: torch.Tensor, scalars: torch.Tensor,
+              state1: torch.Tensor, state2: torch.Tensor, absmax1: torch.Tensor | None, absmax2: torch.Tensor | None,
+              code1: torch.Tensor, code2: torch.Tensor, *, dtype: torch.dtype, beta1: float, beta2: float,
+              decay: float, l2: float) -> None:
+    """Launch one step over a work list. Tables are device tensors indexed by slot: p_ptrs, g_ptrs
+    (int64 addresses of tensors of `dtype`), numels, elem_offs (into state1/state2), block_offs
+    (into absmax1/absmax2), scalars (float32 (n, 2): step_size, eps_hat). 8-bit when absmax1 is
+    given (uint8 states), else float32 states. `decay` multiplies the parameter after the update
+    (AdamW, 1.0 for none); `l2` is added to the gradient times the parameter (Adam)."""
+    eight_bit = absmax1 is not None
+    dummy = state1 if eight_bit else code1
+    _adam_kernel[(work.shape[0],)](
+        work, p_ptrs, g_ptrs, numels, elem_offs, block_offs, scalars,
+        state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy, code1, code2,
+        beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2,
+        P_DTYPE=_TL_DTYPES[dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
+        NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=4, enable_fp_fusion=False,
+    )

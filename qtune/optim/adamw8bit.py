@@ -1,0 +1,264 @@
+"""Adam8bit / AdamW8bit: torch.optim.Optimizer subclasses with blockwise 8-bit moments.
+
+On CUDA each step is one fused Triton launch per (param dtype, state kind) of a param group,
+over flat state buffers and a cached work list; elsewhere (or with QTUNE_BACKEND=torch) the torch
+reference runs tensor by tensor. Per-parameter state entries (`step`, `state1`, `state2`,
+`absmax1`, `absmax2`) are views into the flat buffers, so state_dict()/load_state_dict() work as
+for any optimizer and keep the 8-bit codes exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import reference
+from .reference import BLOCK, state_maps
+
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _use_kernel(p: torch.Tensor) -> bool:
+    """The fused Triton kernel for CUDA tensors; QTUNE_BACKEND=torch forces the reference and
+    QTUNE_BACKEND=triton the kernel (on the CPU under TRITON_INTERPRET=1, for tests)."""
+    backend = os.environ.get("QTUNE_BACKEND", "").lower()
+    return backend == "triton" or (p.is_cuda and backend != "torch")
+
+
+@dataclass
+class _Bucket:
+    """Tensors of one group sharing a param dtype and a state kind, updated by one launch."""
+
+    params: list[torch.Tensor]
+    eight_bit: bool
+    state1: torch.Tensor  # flat
+    state2: torch.Tensor
+    absmax1: torch.Tensor | None
+    absmax2: torch.Tensor | None
+    work: torch.Tensor  # (programs, 2) int32
+    numels: torch.Tensor
+    elem_offs: torch.Tensor
+    block_offs: torch.Tensor
+    p_ptrs: torch.Tensor
+    p_addrs: list[int] = field(default_factory=list)
+
+
+class Adam8bit(torch.optim.Optimizer):
+    """Adam with blockwise 8-bit moments (256 values per float32 absmax; first moment on the
+    signed dynamic map, second on the unsigned one). Tensors under `min_8bit_size` elements keep
+    float32 moments. `weight_decay` is L2 (added to the gradient), as in torch.optim.Adam."""
+
+    _decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, min_8bit_size: int = 4096) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 < eps:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be > 0)")
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 1:
+            raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r} (a positive int)")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.min_8bit_size = min_8bit_size
+        self._buckets: dict[int, tuple[tuple, list[_Bucket]]] = {}
+
+    # ----- state -------------------------------------------------------------------------------
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            if p.numel() >= self.min_8bit_size:
+                blocks = -(-p.numel() // BLOCK)
+                state["state1"] = torch.full_like(p, 127, dtype=torch.uint8, memory_format=torch.contiguous_format)
+                state["state2"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+                state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+            else:
+                state["state1"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                state["state2"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return state
+
+    @staticmethod
+    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
+        # Keep the dtype of every state tensor (uint8 codes, float32 absmax and moments); only move.
+        return value.to(device=param.device) if isinstance(value, torch.Tensor) else value
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["state"] = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
+                       for k, s in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load a state dict of an optimizer over the same parameter layout (one-line ValueError
+        naming the first parameter whose saved state does not fit)."""
+        groups, saved_groups = self.param_groups, state_dict.get("param_groups", [])
+        if len(groups) != len(saved_groups):
+            raise ValueError(f"optimizer state dict has {len(saved_groups)} param groups; this optimizer has {len(groups)}")
+        for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(f"param group {gi} of the state dict has {len(sg['params'])} parameters; "
+                                 f"this optimizer's has {len(g['params'])}")
+            for p, pid in zip(g["params"], sg["params"]):
+                s = state_dict["state"].get(pid)
+                if s is not None:
+                    self._check_saved_state(p, s, f"param group {gi}, parameter {pid}")
+        super().load_state_dict(state_dict)
+        self._buckets.clear()  # flat buffers are rebuilt from the loaded per-parameter states
+
+    @staticmethod
+    def _check_saved_state(p: torch.Tensor, s: dict, where: str) -> None:
+        n = p.numel()
+        s1 = s.get("state1")
+        if s1 is None or "state2" not in s or "step" not in s:
+            raise ValueError(f"{where}: saved state lacks state1/state2/step; keys {sorted(s)}")
+        if s1.numel() != n or s["state2"].numel() != n:
+            raise ValueError(f"{where}: saved state holds {s1.numel()} values; the parameter has shape "
+                             f"{tuple(p.shape)} ({n} values)")
+        if "absmax1" in s:
+            blocks = -(-n // BLOCK)
+            if s1.dtype != torch.uint8 or s["absmax1"].numel() != blocks or s["absmax2"].numel() != blocks:
+                raise ValueError(f"{where}: saved 8-bit state does not fit a parameter of {n} values "
+                                 f"({blocks} blocks of {BLOCK})")
+        elif s1.dtype != torch.float32:
+            raise ValueError(f"{where}: saved state1 has dtype {s1.dtype}; expected uint8 with absmax, or float32")
+
+    # ----- step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adam8bit does not support sparse gradients")
+                if p.dtype not in PARAM_DTYPES:
+                    raise TypeError(f"parameter dtype {p.dtype} is not supported; allowed: float32, float16, bfloat16")
+            fused = [p for p in params if _use_kernel(p) and p.is_contiguous()]
+            fused_ids = set(map(id, fused))
+            for p in params:
+                if id(p) not in fused_ids:
+                    self._reference_step(p, group)
+            if fused:
+                self._fused_step(gi, group, fused)
+        return loss
+
+    def _reference_step(self, p: torch.Tensor, group: dict) -> None:
+        state = self._init_state(p)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        reference.adam_step(p, p.grad, state, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                            weight_decay=group["weight_decay"], decoupled=self._decoupled, step=state["step"])
+
+    def _fused_step(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
+        from ..kernels import adam8bit as kernel
+
+        key = tuple(map(id, params))
+        cached = self._buckets.get(gi)
+        if cached is None or cached[0] != key:
+            cached = (key, self._build_buckets(params))
+            self._buckets[gi] = cached
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        decay = 1.0 - lr * wd if self._decoupled else 1.0
+        l2 = 0.0 if self._decoupled else wd
+        codes = _device_maps(params[0].device)
+        for b in cached[1]:
+            addrs = [p.data_ptr() for p in b.params]
+            if addrs != b.p_addrs:
+                b.p_addrs = addrs
+                b.p_ptrs = torch.tensor(addrs, dtype=torch.int64).to(params[0].device)
+            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in b.params]
+            for p, g in zip(b.params, grads):
+                if g.dtype != p.dtype or g.device != p.device:
+                    raise TypeError(f"gradient of a {p.dtype} parameter on {p.device} is {g.dtype} on {g.device}")
+            steps = [self.state[p] for p in b.params]
+            for s in steps:
+                s["step"] += 1
+            meta = _step_meta([g.data_ptr() for g in grads], [s["step"] for s in steps], lr, beta1, beta2,
+                              group["eps"]).to(params[0].device, non_blocking=True)
+            n = len(b.params)
+            kernel.adam_step(b.work, b.p_ptrs, meta[: 8 * n].view(torch.int64), b.numels, b.elem_offs, b.block_offs,
+                             meta[8 * n:].view(torch.float32), b.state1, b.state2, b.absmax1, b.absmax2,
+                             codes[0], codes[1], dtype=b.params[0].dtype, beta1=beta1, beta2=beta2,
+                             decay=decay, l2=l2)
+            del grads  # kept alive until after the launch (stream-ordered frees are safe)
+
+    def _build_buckets(self, params: list[torch.Tensor]) -> list[_Bucket]:
+        """Flat state buffers per (dtype, state kind), filled from the per-parameter states, which
+        then become views into them; plus the kernel's tables."""
+        from ..kernels.adam8bit import work_list
+
+        device = params[0].device
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            st = self._init_state(p)
+            groups.setdefault((p.dtype, "absmax1" in st), []).append(p)
+        buckets = []
+        for (dtype, eight_bit), ps in groups.items():
+            numels = [p.numel() for p in ps]
+            elem_offs = np.cumsum([0] + numels[:-1]).tolist()
+            blocks = [-(-n // BLOCK) for n in numels]
+            block_offs = np.cumsum([0] + blocks[:-1]).tolist()
+            flat = {}
+            names = ("state1", "state2", "absmax1", "absmax2") if eight_bit else ("state1", "state2")
+            for name in names:
+                parts = [self.state[p][name].reshape(-1) for p in ps]
+                flat[name] = torch.cat(parts).to(device)
+                offs = block_offs if name.startswith("absmax") else elem_offs
+                for p, part, off in zip(ps, parts, offs):
+                    view = flat[name][off: off + part.numel()]
+                    self.state[p][name] = view if name.startswith("absmax") else view.view(p.shape)
+            as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+            buckets.append(_Bucket(params=ps, eight_bit=eight_bit, state1=flat["state1"], state2=flat["state2"],
+                                   absmax1=flat.get("absmax1"), absmax2=flat.get("absmax2"),
+                                   work=work_list(numels, device), numels=as_dev(numels),
+                                   elem_offs=as_dev(elem_offs), block_offs=as_dev(block_offs),
+                                   p_ptrs=as_dev([p.data_ptr() for p in ps]), p_addrs=[p.data_ptr() for p in ps]))
+        return buckets
+
+
+class AdamW8bit(Adam8bit):
+    """AdamW with blockwise 8-bit moments: decoupled weight decay, applied after the update
+    (p ← p · (1 − lr·wd)) as bitsandbytes' AdamW8bit does."""
+
+    _decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, min_8bit_size: int = 4096) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size=min_8bit_size)
+
+
+_MAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _device_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device not in _MAPS:
+        m1, _, m2, _ = state_maps()
+        _MAPS[device] = (m1.to(device), m2.to(device))
+    return _MAPS[device]
+
+
+def _step_meta(g_addrs: list[int], steps: list[int], lr: float, beta1: float, beta2: float, eps: float) -> torch.Tensor:
+    """One pinned byte buffer: int64 gradient addresses, then float32 (step_size, eps_hat) pairs."""
+    n = len(g_addrs)
+    buf = np.empty(16 * n, dtype=np.uint8)
+    buf[: 8 * n].view(np.int64)[:] = g_addrs
+    scal = buf[8 * n:].view(np.float32).reshape(n, 2)
+    if min(steps) == max(steps):
+        scal[:] = reference.step_scalars(lr, beta1, beta2, eps, steps[0])
+    else:
+        scal[:] = [reference.step_scalars(lr, beta1, beta2, eps, s) for s in steps]
+    meta = torch.from_numpy(buf)
+    return meta.pin_memory() if torch.cuda.is_available() else meta

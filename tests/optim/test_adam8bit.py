@@ -1,0 +1,226 @@
+"""Adam8bit / AdamW8bit: kernel vs reference, vs torch.optim.AdamW, state dicts, errors."""
+
+import io
+
+import pytest
+import torch
+from conftest import one_line, rel_err
+from torch import nn
+
+from qtune.kernels import adam8bit as kernel
+from qtune.optim import Adam8bit, AdamW8bit
+from qtune.optim import reference as ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _random_state(p, eight_bit):
+    n = p.numel()
+    if eight_bit:
+        s1, s2 = torch.randn(n, device=p.device) * 1e-2, torch.rand(n, device=p.device) ** 4 * 1e-4
+        c1, a1 = ref.quantize_state(s1, True)
+        c2, a2 = ref.quantize_state(s2, False)
+        return {"state1": c1, "state2": c2, "absmax1": a1, "absmax2": a2}
+    return {"state1": torch.randn(n, device=p.device) * 1e-2, "state2": torch.rand(n, device=p.device) * 1e-4}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("eight_bit", [True, False])
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_kernel_matches_reference(dtype, eight_bit, decoupled):
+    sizes = [4096, 5000, 256 * 9 + 7, 300] if DEVICE == "cpu" else [4096 * 64, 64 * 4096, 1_000_003, 300]
+    params = [torch.randn(n, device=DEVICE).to(dtype) for n in sizes]
+    grads = [torch.randn(n, device=DEVICE).to(dtype) * 1e-2 for n in sizes]
+    grads[0][3] = float("nan")  # non-finite gradients leave their parameter and zero their moments
+    grads[1][7] = float("inf")
+    states = [_random_state(p, eight_bit) for p in params]
+    steps = [3, 3, 3, 7]
+    lr, b1, b2, eps, wd = 1e-3, 0.9, 0.999, 1e-8, 0.1
+    # kernel, on copies
+    kp = [p.clone() for p in params]
+    ks = [{k: v.clone() for k, v in s.items()} for s in states]
+    flat = {k: torch.cat([s[k] for s in ks]) for k in ks[0]}
+    numels = [p.numel() for p in kp]
+    elem_offs = torch.tensor([0] + list(torch.tensor(numels).cumsum(0)[:-1]), dtype=torch.int64, device=DEVICE)
+    blocks = [-(-n // 256) for n in numels]
+    block_offs = torch.tensor([0] + list(torch.tensor(blocks).cumsum(0)[:-1]), dtype=torch.int64, device=DEVICE)
+    scal = torch.tensor([ref.step_scalars(lr, b1, b2, eps, s) for s in steps], dtype=torch.float32, device=DEVICE)
+    m1, _, m2, _ = ref.state_maps()
+    ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=DEVICE)  # noqa: E731
+    for t in flat.values():
+        t.copy_(t)  # poison-free: the flat buffers are the inputs themselves
+    kernel.adam_step(kernel.work_list(numels, DEVICE), ptrs(kp), ptrs(grads), torch.tensor(numels, device=DEVICE),
+                     elem_offs, block_offs, scal, flat["state1"], flat["state2"], flat.get("absmax1"),
+                     flat.get("absmax2"), m1.to(DEVICE), m2.to(DEVICE), dtype=dtype, beta1=b1, beta2=b2,
+                     decay=1 - lr * wd if decoupled else 1.0, l2=0.0 if decoupled else wd)
+    # reference, tensor by tensor
+    for p, g, s, st in zip(params, grads, states, steps):
+        ref.adam_step(p, g, s, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, decoupled=decoupled, step=st)
+    got_p = torch.cat([p.float() for p in kp])
+    want_p = torch.cat([p.float() for p in params])
+    # float32 rounding: at most 2 ulps of float32 (for 16-bit params: at most one 16-bit ulp, rarely)
+    ulp = torch.finfo(dtype).eps * want_p.abs().clamp_min(torch.finfo(dtype).tiny)
+    diff = (got_p - want_p).abs()
+    print(f"params: {int((diff > 0).sum())} of {diff.numel()} differ, max {float((diff / ulp).max()):.2f} ulp")
+    assert bool((diff <= (2 if dtype == torch.float32 else 1) * ulp).all())
+    assert dtype == torch.float32 or int((diff > 0).sum()) <= diff.numel() // 10_000
+    want = {k: torch.cat([s[k] for s in states]) for k in states[0]}
+    if eight_bit:
+        assert rel_err(flat["absmax1"], want["absmax1"]) < 1e-6 and rel_err(flat["absmax2"], want["absmax2"]) < 1e-6
+        for k in ("state1", "state2"):  # a code may differ where float32 rounding meets a midpoint
+            delta = (flat[k].int() - want[k].int()).abs()
+            print(f"{k}: {int((delta > 0).sum())} of {delta.numel()} codes differ")
+            assert int(delta.max()) <= 1 and int((delta > 0).sum()) <= flat[k].numel() // 10_000
+    else:
+        assert rel_err(flat["state1"], want["state1"]) < 1e-6 and rel_err(flat["state2"], want["state2"]) < 1e-6
+    assert kp[0][3] == params[0][3] and kp[1][7] == params[1][7]  # kept where the gradient is not finite
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1))
+
+
+def _train(model, opt, steps, data):
+    x, y = data
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_tracks_torch_adamw_on_an_mlp():
+    torch.manual_seed(1)
+    x = torch.randn(512, 32)
+    y = torch.sin(x[:, :4].sum(1, keepdim=True))
+    a, b = _mlp(), _mlp()
+    losses_a = _train(a, AdamW8bit(a.parameters(), lr=1e-3, weight_decay=1e-2, min_8bit_size=1024), 150, (x, y))
+    losses_b = _train(b, torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=1e-2), 150, (x, y))
+    assert losses_a[-1] < 0.3 * losses_a[0]
+    assert abs(losses_a[-1] - losses_b[-1]) <= 0.01 * losses_b[-1] + 1e-4
+    pa = torch.cat([p.detach().flatten() for p in a.parameters()])
+    pb = torch.cat([p.detach().flatten() for p in b.parameters()])
+    p0 = torch.cat([p.detach().flatten() for p in _mlp().parameters()])
+    assert rel_err(pa - p0, pb - p0) < 0.15  # the path travelled agrees within 15% (measured: 0.08)
+
+
+def test_tracks_torch_adam_on_linear_regression():
+    torch.manual_seed(2)
+    w_true = torch.randn(64, 64)
+    x = torch.randn(512, 64)
+    y = x @ w_true.T + 0.5 * torch.randn(512, 64)
+    wa, wb = nn.Parameter(torch.zeros(64, 64)), nn.Parameter(torch.zeros(64, 64))
+    oa, ob = Adam8bit([wa], lr=2e-2), torch.optim.Adam([wb], lr=2e-2)
+    sa, sb = (torch.optim.lr_scheduler.CosineAnnealingLR(o, 600) for o in (oa, ob))
+    for i in range(600):
+        for w, o, s in ((wa, oa, sa), (wb, ob, sb)):
+            o.zero_grad()
+            ((x @ w.T - y) ** 2).mean().backward()
+            o.step()
+            s.step()
+        if i in (10, 100, 300, 599):
+            assert rel_err(wa, wb) < 0.05, i  # measured: 0.026 at step 10, 0.003 at the end
+    la, lb = ((x @ wa.T - y) ** 2).mean().item(), ((x @ wb.T - y) ** 2).mean().item()
+    assert abs(la - lb) <= 0.01 * lb  # measured: 0.6%
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_resume_is_bit_identical(monkeypatch, backend):
+    monkeypatch.setenv("QTUNE_BACKEND", backend)
+    torch.manual_seed(3)
+    x, y = torch.randn(64, 32), torch.randn(64, 1)
+    model = _mlp()
+    opt = AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=1024)
+    _train(model, opt, 5, (x, y))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, 5, (x, y))
+    buf.seek(0)
+    saved = torch.load(buf)
+    model2 = _mlp(seed=9)
+    model2.load_state_dict(saved["model"])
+    opt2 = AdamW8bit(model2.parameters(), lr=1e-3, min_8bit_size=1024)
+    opt2.load_state_dict(saved["opt"])
+    _train(model2, opt2, 5, (x, y))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        s, t = opt.state[p], opt2.state[q]
+        assert s["step"] == t["step"] == 10 and all(torch.equal(s[k], t[k]) for k in s if k != "step")
+
+
+def test_states_are_8bit_above_min_size_and_cost_2_03_bytes():
+    big, small = nn.Parameter(torch.randn(64, 4096)), nn.Parameter(torch.randn(100))
+    opt = AdamW8bit([big, small])
+    (big.sum() + small.sum()).backward()
+    opt.step()
+    s = opt.state[big]
+    assert s["state1"].dtype == torch.uint8 and s["absmax1"].numel() == big.numel() // 256
+    assert opt.state[small]["state1"].dtype == torch.float32
+    nbytes = sum(t.numel() * t.element_size() for t in s.values() if isinstance(t, torch.Tensor))
+    assert nbytes / big.numel() == pytest.approx(2.03125)
+
+
+def test_one_launch_per_group_however_many_tensors(monkeypatch):
+    monkeypatch.setenv("QTUNE_BACKEND", "triton")
+    params = [nn.Parameter(torch.randn(4096 + i)) for i in range(40)] + [nn.Parameter(torch.randn(10))]
+    opt = AdamW8bit(params)
+    calls = []
+    real = kernel.adam_step
+    monkeypatch.setattr(kernel, "adam_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert len(calls) == 4  # per step: one launch for the 40 8-bit tensors, one for the fp32-state one
+
+
+def test_schedulers_closures_and_groups():
+    a, b = nn.Parameter(torch.randn(8192)), nn.Parameter(torch.randn(8192))
+    opt = Adam8bit([{"params": [a]}, {"params": [b], "lr": 0.0}], lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    b0 = b.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = (a**2).sum() + (b**2).sum()
+        loss.backward()
+        return loss
+
+    l0 = opt.step(closure)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 5e-3
+    assert opt.step(closure) < l0 and torch.equal(b, b0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+    (dict(eps=0.0), "Invalid epsilon value: 0.0"),
+    (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+    (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
+    (dict(weight_decay=-1e-2), "Invalid weight_decay value: -0.01"),
+    (dict(min_8bit_size=0), "Invalid min_8bit_size: 0"),
+])
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError) as e:
+        AdamW8bit([nn.Parameter(torch.randn(4))], **kwargs)
+    assert match in one_line(e)
+
+
+def test_state_dict_from_another_layout_is_refused():
+    a = [nn.Parameter(torch.randn(64, 128)), nn.Parameter(torch.randn(10))]
+    opt = AdamW8bit(a, min_8bit_size=1024)
+    for p in a:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    other = AdamW8bit([nn.Parameter(torch.randn(64, 64)), nn.Parameter(torch.randn(10))], min_8bit_size=1024)
+    with pytest.raises(ValueError) as e:
+        other.load_state_dict(opt.state_dict())
+    assert "parameter 0: saved state holds 8192 values; the parameter has shape (64, 64)" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        AdamW8bit([nn.Parameter(torch.randn(64, 128))]).load_state_dict(opt.state_dict())
+    assert "has 2 parameters; this optimizer's has 1" in one_line(e)
