@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 BLOCK = 256  # values per absmax block
-BLOCKS_PER_PROGRAM = 4
-LOG10_2 = 0.30102999566398120
-LOG2_10 = 3.32192809488736235
+BLOCKS_PER_PROGRAM = 4  # launch shape, read at launch (scripts/bench_optim.py sweeps them)
+NUM_WARPS = 4
+LOG10_2 = tl.constexpr(0.30102999566398120)
+LOG2_10 = tl.constexpr(3.32192809488736235)
 
 
 @triton.jit
@@ -149,5 +150,5 @@ def adam_step(work: torch.Tensor, p_ptrs: torch.Tensor, g_ptrs: torch.Tensor, nu
         state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy, code1, code2,
         beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2,
         P_DTYPE=_TL_DTYPES[dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
-        NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=4, enable_fp_fusion=False,
+        NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )

@@ -78,10 +78,19 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 * 10 / (a.elapsed_time(b) / 1e3)
 
 
-def competitors():
+def competitors(sweep: bool):
     import qtune.optim
+    from qtune.kernels import adam8bit
 
-    yield "qtune AdamW8bit", lambda ps: qtune.optim.AdamW8bit(ps, lr=1e-4)
+    def qtune_with(nb, warps):
+        def build(ps):
+            adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS = nb, warps
+            return qtune.optim.AdamW8bit(ps, lr=1e-4)
+        return build
+
+    for nb, warps in ([(2, 4), (4, 8), (8, 8), (16, 8)] if sweep else []):
+        yield f"qtune nb={nb} warps={warps}", qtune_with(nb, warps)
+    yield "qtune AdamW8bit", qtune_with(4, 4)
     yield "torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
     try:
         import bitsandbytes as bnb
@@ -101,6 +110,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tensors", type=int, default=800)
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--sweep", action="store_true", help="also time other launch shapes of qtune's kernel")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_optim.json"))
     a = ap.parse_args(argv)
     bw = copy_bandwidth()
@@ -111,7 +121,7 @@ def main(argv=None) -> None:
         floor = n * (16 if dtype == torch.float32 else 10) / bw * 1e3
         print(f"\n{a.tensors} tensors, {n / 1e6:.1f}M elements, {str(dtype)[6:]} params; 8-bit byte floor {floor:.2f} ms")
         base = {}
-        for name, build in competitors():
+        for name, build in competitors(a.sweep):
             params = make(a.tensors, dtype)
             try:
                 opt = build(params)
