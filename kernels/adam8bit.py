@@ -16,37 +16,37 @@ import triton.language as tl
 BLOCK = 256  # values per absmax block
 BLOCKS_PER_PROGRAM = 4  # launch shape, read at launch (scripts/bench_optim.py sweeps them)
 NUM_WARPS = 4
-LOG10_2 = tl.constexpr(0.30102999566398120)
-LOG2_10 = tl.constexpr(3.32192809488736235)
 
 
 @triton.jit
-def _dynamic_index(x, code_ptr, SIGNED: tl.constexpr):
+def _select(k, v0, v1, v2, v3, v4, v5, v6):
+    return tl.where(k == 0, v0, tl.where(k == 1, v1, tl.where(k == 2, v2, tl.where(k == 3, v3, tl.where(
+        k == 4, v4, tl.where(k == 5, v5, v6))))))
+
+
+@triton.jit
+def _dynamic_index(x, mids_ptr, SIGNED: tl.constexpr):
     """Index of the nearest entry of bitsandbytes' 8-bit dynamic map to x in [-1, 1] (ties to the
-    lower index): a closed-form guess from the map's structure (decade k holds 2**k (signed) or
-    2**(k+1) (unsigned) evenly spaced means), corrected twice against the neighbours' midpoints."""
+    lower index). The map holds, for decades k = 0..6 of |x| (|x| in [1e(k-7), 1e(k-6))), n = 2**k
+    (signed) or 2**(k+1) (unsigned) evenly spaced means; the closed-form guess from that structure
+    is within one of the answer, and one comparison with each neighbouring midpoint settles it."""
     ax = tl.abs(x)
-    k = tl.floor(tl.log2(tl.maximum(ax, 1e-30)) * LOG10_2) + 7.0
-    k = tl.minimum(tl.maximum(k, 0.0), 6.0)
-    scale = tl.exp2((k - 6.0) * LOG2_10)
+    k = ((ax >= 1e-6).to(tl.int32) + (ax >= 1e-5).to(tl.int32) + (ax >= 1e-4).to(tl.int32)
+         + (ax >= 1e-3).to(tl.int32) + (ax >= 1e-2).to(tl.int32) + (ax >= 1e-1).to(tl.int32))
     if SIGNED:
-        n = tl.exp2(k)
+        n = (1 << k).to(tl.float32)
     else:
-        n = tl.exp2(k + 1.0)
-    j = tl.floor((ax / scale - 0.1) * n / 0.9)
+        n = (2 << k).to(tl.float32)
+    inv_scale = _select(k, 1e6, 1e5, 1e4, 1e3, 1e2, 1e1, 1.0)
+    j = tl.floor((ax * inv_scale - 0.1) * n * (1.0 / 0.9))
     j = tl.minimum(tl.maximum(j, 0.0), n - 1.0)
     if SIGNED:
         idx = tl.where(x >= 0, 127.0 + n + j, 127.0 - n - j).to(tl.int32)
     else:
         idx = (n - 1.0 + j).to(tl.int32)
-    for _ in tl.static_range(2):
-        lo = tl.maximum(idx - 1, 0)
-        hi = tl.minimum(idx + 1, 255)
-        c = tl.load(code_ptr + idx)
-        mid_lo = (tl.load(code_ptr + lo) + c) * 0.5
-        mid_hi = (c + tl.load(code_ptr + hi)) * 0.5
-        idx = tl.where((x > mid_hi) & (idx < 255), idx + 1, tl.where((x <= mid_lo) & (idx > 0), idx - 1, idx))
-    return idx
+    mid_lo = tl.load(mids_ptr + tl.maximum(idx - 1, 0))
+    mid_hi = tl.load(mids_ptr + tl.minimum(idx, 254))
+    return tl.where((x > mid_hi) & (idx < 255), idx + 1, tl.where((x <= mid_lo) & (idx > 0), idx - 1, idx))
 
 
 @triton.jit
@@ -61,9 +61,10 @@ def _to_param_dtype(x, P_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows(s, absmax, code_ptr, SIGNED: tl.constexpr):
-    scaled = tl.where(absmax[:, None] > 0, tl.math.div_rn(s, absmax[:, None]), 0.0)
-    idx = _dynamic_index(scaled, code_ptr, SIGNED)
+def _quantize_rows(s, absmax, mids_ptr, SIGNED: tl.constexpr):
+    inv = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax), 0.0)
+    scaled = s * inv[:, None]
+    idx = _dynamic_index(scaled, mids_ptr, SIGNED)
     if SIGNED:  # a negative first moment never rounds to +0 (keeps its sign, as in bitsandbytes)
         idx = tl.where((scaled < 0) & (idx == 127), 126, idx)
     return idx.to(tl.uint8)
@@ -71,7 +72,7 @@ def _quantize_rows(s, absmax, code_ptr, SIGNED: tl.constexpr):
 
 @triton.jit
 def _adam_kernel(work_ptr, pptr_ptr, gptr_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
-                 s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_ptr,
+                 s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_ptr, mids1_ptr, mids2_ptr,
                  beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
                  P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
                  NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
@@ -115,8 +116,8 @@ def _adam_kernel(work_ptr, pptr_ptr, gptr_ptr, numel_ptr, elem_off_ptr, block_of
     if EIGHT_BIT:
         n1 = tl.max(tl.abs(s1), axis=1)
         n2 = tl.max(tl.abs(s2), axis=1)
-        tl.store(s1_ptr + elem_off + offs, _quantize_rows(s1, n1, code1_ptr, True), mask=mask)
-        tl.store(s2_ptr + elem_off + offs, _quantize_rows(s2, n2, code2_ptr, False), mask=mask)
+        tl.store(s1_ptr + elem_off + offs, _quantize_rows(s1, n1, mids1_ptr, True), mask=mask)
+        tl.store(s2_ptr + elem_off + offs, _quantize_rows(s2, n2, mids2_ptr, False), mask=mask)
         tl.store(a1_ptr + block_off + rows, n1, mask=row_mask)
         tl.store(a2_ptr + block_off + rows, n2, mask=row_mask)
     else:
@@ -136,18 +137,20 @@ def work_list(numels: list[int], device: torch.device) -> torch.Tensor:
 def adam_step(work: torch.Tensor, p_ptrs: torch.Tensor, g_ptrs: torch.Tensor, numels: torch.Tensor,
               elem_offs: torch.Tensor, block_offs: torch.Tensor, scalars: torch.Tensor,
               state1: torch.Tensor, state2: torch.Tensor, absmax1: torch.Tensor | None, absmax2: torch.Tensor | None,
-              code1: torch.Tensor, code2: torch.Tensor, *, dtype: torch.dtype, beta1: float, beta2: float,
+              maps: tuple[torch.Tensor, ...], *, dtype: torch.dtype, beta1: float, beta2: float,
               decay: float, l2: float) -> None:
     """Launch one step over a work list. Tables are device tensors indexed by slot: p_ptrs, g_ptrs
     (int64 addresses of tensors of `dtype`), numels, elem_offs (into state1/state2), block_offs
     (into absmax1/absmax2), scalars (float32 (n, 2): step_size, eps_hat). 8-bit when absmax1 is
     given (uint8 states), else float32 states. `decay` multiplies the parameter after the update
-    (AdamW, 1.0 for none); `l2` is added to the gradient times the parameter (Adam)."""
+    (AdamW, 1.0 for none); `l2` is added to the gradient times the parameter (Adam). `maps`:
+    (signed map, its 255 midpoints, unsigned map, its midpoints), float32 on the device."""
     eight_bit = absmax1 is not None
+    code1, mids1, code2, mids2 = maps
     dummy = state1 if eight_bit else code1
     _adam_kernel[(work.shape[0],)](
         work, p_ptrs, g_ptrs, numels, elem_offs, block_offs, scalars,
-        state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy, code1, code2,
+        state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy, code1, code2, mids1, mids2,
         beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2,
         P_DTYPE=_TL_DTYPES[dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
         NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,

@@ -52,7 +52,8 @@ def state_bytes(opt) -> int:
     return total
 
 
-def kernels_per_step(opt) -> int:
+def kernels_per_step(opt) -> tuple[int, float]:
+    """(CUDA kernels launched by one step, their total GPU time in ms)."""
     from torch.profiler import ProfilerActivity, profile
 
     opt.step()
@@ -60,7 +61,8 @@ def kernels_per_step(opt) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         opt.step()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name]
+    return len(kernels), sum(e.device_time for e in kernels) / 1e3
 
 
 def copy_bandwidth() -> float:
@@ -131,7 +133,7 @@ def main(argv=None) -> None:
                 continue
             r = {"name": name, "dtype": str(dtype)[6:], "ms": ms, "state_bytes_per_param": state_bytes(opt) / n}
             if name.startswith("qtune"):
-                r["kernels_per_step"] = kernels_per_step(opt)
+                r["kernels_per_step"], r["kernel_ms"] = kernels_per_step(opt)
             base[name] = ms
             rows.append(r)
             del opt, params
@@ -141,7 +143,8 @@ def main(argv=None) -> None:
             if r["dtype"] != str(dtype)[6:]:
                 continue
             ratio = f"  qtune is {r['ms'] / q:.1f}x faster" if q and not r["name"].startswith("qtune") else ""
-            extra = f"  ({r['kernels_per_step']} kernels/step)" if "kernels_per_step" in r else ""
+            extra = (f"  ({r['kernels_per_step']} kernel/step, {r['kernel_ms']:.2f} ms on the GPU)"
+                     if "kernels_per_step" in r else "")
             print(f"  {r['name']:24} {r['ms']:8.2f} ms   {r['state_bytes_per_param']:.3f} B/param{ratio}{extra}")
     with open(a.json, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, f, indent=1)

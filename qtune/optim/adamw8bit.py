@@ -21,11 +21,15 @@ from .reference import BLOCK, state_maps
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _use_kernel(p: torch.Tensor) -> bool:
-    """The fused Triton kernel for CUDA tensors; QTUNE_BACKEND=torch forces the reference and
-    QTUNE_BACKEND=triton the kernel (on the CPU under TRITON_INTERPRET=1, for tests)."""
+def _kernel_filter():
+    """Which tensors the fused Triton kernel takes: CUDA ones; QTUNE_BACKEND=torch forces the
+    reference, QTUNE_BACKEND=triton the kernel (on the CPU under TRITON_INTERPRET=1, for tests)."""
     backend = os.environ.get("QTUNE_BACKEND", "").lower()
-    return backend == "triton" or (p.is_cuda and backend != "torch")
+    if backend == "torch":
+        return lambda p: False
+    if backend == "triton":
+        return lambda p: p.is_contiguous()
+    return lambda p: p.is_cuda and p.is_contiguous()
 
 
 @dataclass
@@ -33,6 +37,7 @@ class _Bucket:
     """Tensors of one group sharing a param dtype and a state kind, updated by one launch."""
 
     params: list[torch.Tensor]
+    dtype: torch.dtype
     eight_bit: bool
     state1: torch.Tensor  # flat
     state2: torch.Tensor
@@ -43,6 +48,8 @@ class _Bucket:
     elem_offs: torch.Tensor
     block_offs: torch.Tensor
     p_ptrs: torch.Tensor
+    states: list[dict]
+    steps: np.ndarray  # int64 per tensor, mirrored into each state's "step"
     p_addrs: list[int] = field(default_factory=list)
 
 
@@ -68,7 +75,7 @@ class Adam8bit(torch.optim.Optimizer):
             raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r} (a positive int)")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = min_8bit_size
-        self._buckets: dict[int, tuple[tuple, list[_Bucket]]] = {}
+        self._buckets: dict[int, tuple[tuple, list[torch.Tensor], list[_Bucket]]] = {}  # group -> (layout, ref, fused)
 
     # ----- state -------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor) -> dict:
@@ -111,8 +118,8 @@ class Adam8bit(torch.optim.Optimizer):
                 s = state_dict["state"].get(pid)
                 if s is not None:
                     self._check_saved_state(p, s, f"param group {gi}, parameter {pid}")
-        super().load_state_dict(state_dict)
         self._buckets.clear()  # flat buffers are rebuilt from the loaded per-parameter states
+        super().load_state_dict(state_dict)
 
     @staticmethod
     def _check_saved_state(p: torch.Tensor, s: dict, where: str) -> None:
@@ -138,21 +145,37 @@ class Adam8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        backend = os.environ.get("QTUNE_BACKEND", "")
         for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adam8bit does not support sparse gradients")
-                if p.dtype not in PARAM_DTYPES:
-                    raise TypeError(f"parameter dtype {p.dtype} is not supported; allowed: float32, float16, bfloat16")
-            fused = [p for p in params if _use_kernel(p) and p.is_contiguous()]
-            fused_ids = set(map(id, fused))
-            for p in params:
-                if id(p) not in fused_ids:
-                    self._reference_step(p, group)
-            if fused:
-                self._fused_step(gi, group, fused)
+            if not params:
+                continue
+            key = (backend, *map(id, params))
+            cached = self._buckets.get(gi)
+            if cached is None or cached[0] != key:  # which tensors go where: decided once per layout
+                use_kernel = _kernel_filter()
+                fused = [p for p in params if use_kernel(p)]
+                fused_ids = set(map(id, fused))
+                rest = [p for p in params if id(p) not in fused_ids]
+                for p in params:
+                    self._check_param(p)
+                cached = (key, rest, self._build_buckets(fused) if fused else [])
+                self._buckets[gi] = cached
+            for p in cached[1]:
+                self._reference_step(p, group)
+            if cached[2]:
+                self._fused_step(group, cached[2])
         return loss
+
+    @staticmethod
+    def _check_param(p: torch.Tensor) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError("Adam8bit does not support sparse gradients")
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(f"parameter dtype {p.dtype} is not supported; allowed: float32, float16, bfloat16")
+        if p.grad.dtype != p.dtype or p.grad.device != p.device or p.grad.shape != p.shape:
+            raise TypeError(f"gradient ({p.grad.dtype}, {p.grad.device}, {tuple(p.grad.shape)}) does not match its "
+                            f"parameter ({p.dtype}, {p.device}, {tuple(p.shape)})")
 
     def _reference_step(self, p: torch.Tensor, group: dict) -> None:
         state = self._init_state(p)
@@ -161,38 +184,31 @@ class Adam8bit(torch.optim.Optimizer):
         reference.adam_step(p, p.grad, state, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"], decoupled=self._decoupled, step=state["step"])
 
-    def _fused_step(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
+    def _fused_step(self, group: dict, buckets: list[_Bucket]) -> None:
         from ..kernels import adam8bit as kernel
 
-        key = tuple(map(id, params))
-        cached = self._buckets.get(gi)
-        if cached is None or cached[0] != key:
-            cached = (key, self._build_buckets(params))
-            self._buckets[gi] = cached
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
-        decay = 1.0 - lr * wd if self._decoupled else 1.0
-        l2 = 0.0 if self._decoupled else wd
-        codes = _device_maps(params[0].device)
-        for b in cached[1]:
+        device = buckets[0].state1.device
+        maps = _device_maps(device)
+        for b in buckets:
             addrs = [p.data_ptr() for p in b.params]
-            if addrs != b.p_addrs:
+            if addrs != b.p_addrs:  # parameters were moved or re-allocated
                 b.p_addrs = addrs
-                b.p_ptrs = torch.tensor(addrs, dtype=torch.int64).to(params[0].device)
-            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in b.params]
-            for p, g in zip(b.params, grads):
-                if g.dtype != p.dtype or g.device != p.device:
-                    raise TypeError(f"gradient of a {p.dtype} parameter on {p.device} is {g.dtype} on {g.device}")
-            steps = [self.state[p] for p in b.params]
-            for s in steps:
-                s["step"] += 1
-            meta = _step_meta([g.data_ptr() for g in grads], [s["step"] for s in steps], lr, beta1, beta2,
-                              group["eps"]).to(params[0].device, non_blocking=True)
+                b.p_ptrs = torch.tensor(addrs, dtype=torch.int64).to(device)
+            grads = [p.grad for p in b.params]  # autograd keeps grad dtype, shape and device = the param's
+            if not all(map(torch.Tensor.is_contiguous, grads)):
+                grads = [g.contiguous() for g in grads]
+            b.steps += 1
+            for st, n in zip(b.states, b.steps.tolist()):
+                st["step"] = n
+            meta = _step_meta([g.data_ptr() for g in grads], b.steps, lr, beta1, beta2, group["eps"])
+            meta = meta.to(device, non_blocking=True)
             n = len(b.params)
             kernel.adam_step(b.work, b.p_ptrs, meta[: 8 * n].view(torch.int64), b.numels, b.elem_offs, b.block_offs,
-                             meta[8 * n:].view(torch.float32), b.state1, b.state2, b.absmax1, b.absmax2,
-                             codes[0], codes[1], dtype=b.params[0].dtype, beta1=beta1, beta2=beta2,
-                             decay=decay, l2=l2)
+                             meta[8 * n:].view(torch.float32), b.state1, b.state2, b.absmax1, b.absmax2, maps,
+                             dtype=b.dtype, beta1=beta1, beta2=beta2,
+                             decay=1.0 - lr * wd if self._decoupled else 1.0, l2=0.0 if self._decoupled else wd)
             del grads  # kept alive until after the launch (stream-ordered frees are safe)
 
     def _build_buckets(self, params: list[torch.Tensor]) -> list[_Bucket]:
@@ -221,7 +237,9 @@ class Adam8bit(torch.optim.Optimizer):
                     view = flat[name][off: off + part.numel()]
                     self.state[p][name] = view if name.startswith("absmax") else view.view(p.shape)
             as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-            buckets.append(_Bucket(params=ps, eight_bit=eight_bit, state1=flat["state1"], state2=flat["state2"],
+            steps = np.array([self.state[p]["step"] for p in ps], dtype=np.int64)
+            buckets.append(_Bucket(params=ps, dtype=dtype, eight_bit=eight_bit, state1=flat["state1"],
+                                   state2=flat["state2"], states=[self.state[p] for p in ps], steps=steps,
                                    absmax1=flat.get("absmax1"), absmax2=flat.get("absmax2"),
                                    work=work_list(numels, device), numels=as_dev(numels),
                                    elem_offs=as_dev(elem_offs), block_offs=as_dev(block_offs),
@@ -240,25 +258,25 @@ class AdamW8bit(Adam8bit):
         super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size=min_8bit_size)
 
 
-_MAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_MAPS: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
 
-def _device_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _device_maps(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(signed map, its midpoints, unsigned map, its midpoints) on `device`, made once."""
     if device not in _MAPS:
-        m1, _, m2, _ = state_maps()
-        _MAPS[device] = (m1.to(device), m2.to(device))
+        _MAPS[device] = tuple(t.to(device) for t in state_maps())
     return _MAPS[device]
 
 
-def _step_meta(g_addrs: list[int], steps: list[int], lr: float, beta1: float, beta2: float, eps: float) -> torch.Tensor:
-    """One pinned byte buffer: int64 gradient addresses, then float32 (step_size, eps_hat) pairs."""
+def _step_meta(g_addrs: list[int], steps: np.ndarray, lr: float, beta1: float, beta2: float, eps: float) -> torch.Tensor:
+    """One (pinned) byte buffer: int64 gradient addresses, then float32 (step_size, eps_hat) pairs."""
     n = len(g_addrs)
     buf = np.empty(16 * n, dtype=np.uint8)
     buf[: 8 * n].view(np.int64)[:] = g_addrs
     scal = buf[8 * n:].view(np.float32).reshape(n, 2)
-    if min(steps) == max(steps):
-        scal[:] = reference.step_scalars(lr, beta1, beta2, eps, steps[0])
+    if steps.min() == steps.max():
+        scal[:] = reference.step_scalars(lr, beta1, beta2, eps, int(steps[0]))
     else:
-        scal[:] = [reference.step_scalars(lr, beta1, beta2, eps, s) for s in steps]
+        scal[:] = [reference.step_scalars(lr, beta1, beta2, eps, s) for s in steps.tolist()]
     meta = torch.from_numpy(buf)
     return meta.pin_memory() if torch.cuda.is_available() else meta

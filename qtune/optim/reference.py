@@ -37,13 +37,15 @@ def dequantize_state(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) ->
 
 
 def quantize_state(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 codes, float32 absmax per block of 256) of a float32 state. A negative first moment
+    """(uint8 codes, float32 absmax per block of 256) of a float32 state: the nearest code of
+    x * (1/absmax), ties to the lower code. A negative first moment
     never rounds to +0 (bitsandbytes keeps its sign: it moves to the next negative code)."""
     m1, mid1, m2, mid2 = state_maps()
     code, mids = (m1, mid1) if signed else (m2, mid2)
     blocks = _blocks(x)
     absmax = blocks.abs().amax(1)
-    scaled = torch.where(absmax[:, None] > 0, blocks / absmax[:, None], torch.zeros_like(blocks))
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # one division per block
+    scaled = blocks * inv[:, None]
     idx = torch.bucketize(scaled.reshape(-1)[: x.numel()], mids.to(x.device))
     if signed:
         idx = torch.where((scaled.reshape(-1)[: x.numel()] < 0) & (code.to(x.device)[idx] >= 0), idx - 1, idx)

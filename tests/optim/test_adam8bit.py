@@ -46,11 +46,11 @@ def test_kernel_matches_reference(dtype, eight_bit, decoupled):
     blocks = [-(-n // 256) for n in numels]
     block_offs = torch.tensor([0] + list(torch.tensor(blocks).cumsum(0)[:-1]), dtype=torch.int64, device=DEVICE)
     scal = torch.tensor([ref.step_scalars(lr, b1, b2, eps, s) for s in steps], dtype=torch.float32, device=DEVICE)
-    m1, _, m2, _ = ref.state_maps()
+    maps = tuple(t.to(DEVICE) for t in ref.state_maps())
     ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=DEVICE)  # noqa: E731
     kernel.adam_step(kernel.work_list(numels, DEVICE), ptrs(kp), ptrs(grads), torch.tensor(numels, device=DEVICE),
                      elem_offs, block_offs, scal, flat["state1"], flat["state2"], flat.get("absmax1"),
-                     flat.get("absmax2"), m1.to(DEVICE), m2.to(DEVICE), dtype=dtype, beta1=b1, beta2=b2,
+                     flat.get("absmax2"), maps, dtype=dtype, beta1=b1, beta2=b2,
                      decay=1 - lr * wd if decoupled else 1.0, l2=0.0 if decoupled else wd)
     # reference, tensor by tensor
     for p, g, s, st in zip(params, grads, states, steps):
@@ -129,12 +129,20 @@ def test_tracks_torch_adam_on_linear_regression():
     assert abs(la - lb) <= 0.01 * lb  # measured: 0.6%
 
 
+def _backend(monkeypatch, backend: str) -> str:
+    """The device to run on: the kernel runs on CUDA, or in Triton's interpreter on the CPU."""
+    if backend == "triton" and torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setenv("QTUNE_BACKEND", backend)
+    return "cpu"
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_resume_is_bit_identical(monkeypatch, backend):
-    monkeypatch.setenv("QTUNE_BACKEND", backend)
+    device = _backend(monkeypatch, backend)
     torch.manual_seed(3)
-    x, y = torch.randn(64, 32), torch.randn(64, 1)
-    model = _mlp()
+    x, y = torch.randn(64, 32, device=device), torch.randn(64, 1, device=device)
+    model = _mlp().to(device)
     opt = AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=1024)
     _train(model, opt, 5, (x, y))
     buf = io.BytesIO()
@@ -142,7 +150,7 @@ def test_resume_is_bit_identical(monkeypatch, backend):
     _train(model, opt, 5, (x, y))
     buf.seek(0)
     saved = torch.load(buf)
-    model2 = _mlp(seed=9)
+    model2 = _mlp(seed=9).to(device)
     model2.load_state_dict(saved["model"])
     opt2 = AdamW8bit(model2.parameters(), lr=1e-3, min_8bit_size=1024)
     opt2.load_state_dict(saved["opt"])
@@ -167,8 +175,9 @@ def test_states_are_8bit_above_min_size_and_cost_2_03_bytes():
 
 
 def test_one_launch_per_group_however_many_tensors(monkeypatch):
-    monkeypatch.setenv("QTUNE_BACKEND", "triton")
-    params = [nn.Parameter(torch.randn(4096 + i)) for i in range(40)] + [nn.Parameter(torch.randn(10))]
+    device = _backend(monkeypatch, "triton")
+    params = [nn.Parameter(torch.randn(4096 + i, device=device)) for i in range(40)]
+    params.append(nn.Parameter(torch.randn(10, device=device)))
     opt = AdamW8bit(params)
     calls = []
     real = kernel.adam_step
