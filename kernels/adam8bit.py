@@ -26,27 +26,43 @@ def _select(k, v0, v1, v2, v3, v4, v5, v6):
 
 @triton.jit
 def _dynamic_index(x, mids_ptr, SIGNED: tl.constexpr):
-    """Index of the nearest entry of bitsandbytes' 8-bit dynamic map to x in [-1, 1] (ties to the
-    lower index). The map holds, for decades k = 0..6 of |x| (|x| in [1e(k-7), 1e(k-6))), n = 2**k
-    (signed) or 2**(k+1) (unsigned) evenly spaced means; the closed-form guess from that structure
-    is within one of the answer, and one comparison with each neighbouring midpoint settles it."""
+    """Index of the nearest entry of bitsandbytes' 8-bit dynamic map to x in [-1, 1], ties to the
+    lower index (torch.bucketize over the 255 midpoints).
+
+    The map's non-negative part holds, for decades k = 0..6, n = 2**k (signed) or 2**(k+1)
+    (unsigned) evenly spaced means of [1e(k-7), 1e(k-6)). The decade of |x| comes from comparisons
+    with the map's own midpoints between decades; within it, a closed-form guess biased low is the
+    answer or the one below it (in magnitude), so a single midpoint comparison settles it."""
     ax = tl.abs(x)
-    k = ((ax >= 1e-6).to(tl.int32) + (ax >= 1e-5).to(tl.int32) + (ax >= 1e-4).to(tl.int32)
-         + (ax >= 1e-3).to(tl.int32) + (ax >= 1e-2).to(tl.int32) + (ax >= 1e-1).to(tl.int32))
     if SIGNED:
-        n = (1 << k).to(tl.float32)
+        base = 127
+        zero = tl.load(mids_ptr + 127)
     else:
-        n = (2 << k).to(tl.float32)
+        base = 0
+        zero = tl.load(mids_ptr + 0)
+    k = tl.zeros(x.shape, tl.int32)
+    for e in tl.static_range(1, 7):  # decade entries: midpoint before the first mean of decade e
+        if SIGNED:
+            k += (ax > tl.load(mids_ptr + 126 + (1 << e))).to(tl.int32)
+        else:
+            k += (ax > tl.load(mids_ptr + (2 << e) - 2)).to(tl.int32)
+    if SIGNED:
+        n = 1 << k
+    else:
+        n = 2 << k
+    nf = n.to(tl.float32)
     inv_scale = _select(k, 1e6, 1e5, 1e4, 1e3, 1e2, 1e1, 1.0)
-    j = tl.floor((ax * inv_scale - 0.1) * n * (1.0 / 0.9))
-    j = tl.minimum(tl.maximum(j, 0.0), n - 1.0)
+    j = tl.floor((ax * inv_scale - 0.1) * nf * (1.0 / 0.9) - 1e-3)
+    j = tl.minimum(tl.maximum(j, 0.0), nf - 1.0).to(tl.int32)
+    guess = tl.where(ax <= zero, base, base + n - 1 + j + SIGNED)  # magnitude index, at most one too low
     if SIGNED:
-        idx = tl.where(x >= 0, 127.0 + n + j, 127.0 - n - j).to(tl.int32)
+        mirror = 254 - guess  # the same magnitude on the negative side
+        neg = x < 0
+        mid = tl.load(mids_ptr + tl.where(neg, tl.maximum(mirror - 1, 0), guess))
+        idx = tl.where(neg, mirror - ((mirror > 0) & (x <= mid)).to(tl.int32), guess + (x > mid).to(tl.int32))
     else:
-        idx = (n - 1.0 + j).to(tl.int32)
-    mid_lo = tl.load(mids_ptr + tl.maximum(idx - 1, 0))
-    mid_hi = tl.load(mids_ptr + tl.minimum(idx, 254))
-    return tl.where((x > mid_hi) & (idx < 255), idx + 1, tl.where((x <= mid_lo) & (idx > 0), idx - 1, idx))
+        idx = guess + (x > tl.load(mids_ptr + guess)).to(tl.int32)
+    return idx
 
 
 @triton.jit
@@ -73,9 +89,9 @@ def _quantize_rows(s, absmax, mids_ptr, SIGNED: tl.constexpr):
 @triton.jit
 def _adam_kernel(work_ptr, pptr_ptr, gptr_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
                  s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_ptr, mids1_ptr, mids2_ptr,
-                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
+                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
                  P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                 PER_TENSOR_STEP: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     w = tl.program_id(0)
     slot = tl.load(work_ptr + 2 * w)
     first = tl.load(work_ptr + 2 * w + 1).to(tl.int64)
@@ -83,8 +99,9 @@ def _adam_kernel(work_ptr, pptr_ptr, gptr_ptr, numel_ptr, elem_off_ptr, block_of
     g_ptr = tl.load(gptr_ptr + slot).to(tl.pointer_type(P_DTYPE))
     numel = tl.load(numel_ptr + slot)
     elem_off = tl.load(elem_off_ptr + slot)
-    step_size = tl.load(scal_ptr + 2 * slot)
-    eps_hat = tl.load(scal_ptr + 2 * slot + 1)
+    if PER_TENSOR_STEP:  # tensors at different steps: bias corrections from the table
+        step_size = tl.load(scal_ptr + 2 * slot)
+        eps_hat = tl.load(scal_ptr + 2 * slot + 1)
 
     rows = first + tl.arange(0, NB)
     offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
@@ -135,23 +152,27 @@ def work_list(numels: list[int], device: torch.device) -> torch.Tensor:
 
 
 def adam_step(work: torch.Tensor, p_ptrs: torch.Tensor, g_ptrs: torch.Tensor, numels: torch.Tensor,
-              elem_offs: torch.Tensor, block_offs: torch.Tensor, scalars: torch.Tensor,
+              elem_offs: torch.Tensor, block_offs: torch.Tensor, scalars: torch.Tensor | tuple[float, float],
               state1: torch.Tensor, state2: torch.Tensor, absmax1: torch.Tensor | None, absmax2: torch.Tensor | None,
               maps: tuple[torch.Tensor, ...], *, dtype: torch.dtype, beta1: float, beta2: float,
               decay: float, l2: float) -> None:
     """Launch one step over a work list. Tables are device tensors indexed by slot: p_ptrs, g_ptrs
-    (int64 addresses of tensors of `dtype`), numels, elem_offs (into state1/state2), block_offs
-    (into absmax1/absmax2), scalars (float32 (n, 2): step_size, eps_hat). 8-bit when absmax1 is
-    given (uint8 states), else float32 states. `decay` multiplies the parameter after the update
-    (AdamW, 1.0 for none); `l2` is added to the gradient times the parameter (Adam). `maps`:
-    (signed map, its 255 midpoints, unsigned map, its midpoints), float32 on the device."""
+    (int64 addresses of contiguous tensors of `dtype`), numels, elem_offs (into state1/state2),
+    block_offs (into absmax1/absmax2). `scalars`: (step_size, eps_hat) shared by all tensors, or a
+    float32 (n, 2) device table of them per tensor. 8-bit when absmax1 is given (uint8 states),
+    else float32 states. `decay` multiplies the parameter after the update (AdamW; 1.0 for none);
+    `l2` times the parameter is added to the gradient (Adam). `maps`: (signed map, its 255
+    midpoints, unsigned map, its midpoints), float32 on the device."""
     eight_bit = absmax1 is not None
+    per_tensor = isinstance(scalars, torch.Tensor)
     code1, mids1, code2, mids2 = maps
     dummy = state1 if eight_bit else code1
+    step_size, eps_hat = (0.0, 0.0) if per_tensor else scalars
     _adam_kernel[(work.shape[0],)](
-        work, p_ptrs, g_ptrs, numels, elem_offs, block_offs, scalars,
+        work, p_ptrs, g_ptrs, numels, elem_offs, block_offs, scalars if per_tensor else code1,
         state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy, code1, code2, mids1, mids2,
-        beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2,
+        beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
         P_DTYPE=_TL_DTYPES[dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
-        NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        PER_TENSOR_STEP=per_tensor, NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )

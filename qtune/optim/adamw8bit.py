@@ -51,6 +51,8 @@ class _Bucket:
     states: list[dict]
     steps: np.ndarray  # int64 per tensor, mirrored into each state's "step"
     p_addrs: list[int] = field(default_factory=list)
+    g_ptrs: torch.Tensor | None = None
+    g_addrs: list[int] = field(default_factory=list)
 
 
 class Adam8bit(torch.optim.Optimizer):
@@ -192,24 +194,30 @@ class Adam8bit(torch.optim.Optimizer):
         device = buckets[0].state1.device
         maps = _device_maps(device)
         for b in buckets:
-            addrs = [p.data_ptr() for p in b.params]
-            if addrs != b.p_addrs:  # parameters were moved or re-allocated
-                b.p_addrs = addrs
-                b.p_ptrs = torch.tensor(addrs, dtype=torch.int64).to(device)
+            p_addrs = [p.data_ptr() for p in b.params]
+            if p_addrs != b.p_addrs:  # parameters were moved or re-allocated
+                b.p_addrs, b.p_ptrs = p_addrs, _to_device(p_addrs, device)
             grads = [p.grad for p in b.params]  # autograd keeps grad dtype, shape and device = the param's
-            if not all(map(torch.Tensor.is_contiguous, grads)):
-                grads = [g.contiguous() for g in grads]
+            g_addrs = [g.data_ptr() for g in grads]
+            copied = False
+            if g_addrs != b.g_addrs:  # new gradient tensors: upload their addresses
+                if not all(map(torch.Tensor.is_contiguous, grads)):
+                    grads, copied = [g.contiguous() for g in grads], True
+                    g_addrs = [g.data_ptr() for g in grads]
+                b.g_addrs, b.g_ptrs = g_addrs, _to_device(g_addrs, device)
             b.steps += 1
             for st, n in zip(b.states, b.steps.tolist()):
                 st["step"] = n
-            meta = _step_meta([g.data_ptr() for g in grads], b.steps, lr, beta1, beta2, group["eps"])
-            meta = meta.to(device, non_blocking=True)
-            n = len(b.params)
-            kernel.adam_step(b.work, b.p_ptrs, meta[: 8 * n].view(torch.int64), b.numels, b.elem_offs, b.block_offs,
-                             meta[8 * n:].view(torch.float32), b.state1, b.state2, b.absmax1, b.absmax2, maps,
-                             dtype=b.dtype, beta1=beta1, beta2=beta2,
+            if b.steps.min() == b.steps.max():
+                scalars = reference.step_scalars(lr, beta1, beta2, group["eps"], int(b.steps[0]))
+            else:
+                table = [reference.step_scalars(lr, beta1, beta2, group["eps"], n) for n in b.steps.tolist()]
+                scalars = torch.tensor(table, dtype=torch.float32).to(device)
+            kernel.adam_step(b.work, b.p_ptrs, b.g_ptrs, b.numels, b.elem_offs, b.block_offs, scalars,
+                             b.state1, b.state2, b.absmax1, b.absmax2, maps, dtype=b.dtype, beta1=beta1, beta2=beta2,
                              decay=1.0 - lr * wd if self._decoupled else 1.0, l2=0.0 if self._decoupled else wd)
-            del grads  # kept alive until after the launch (stream-ordered frees are safe)
+            if copied:
+                b.g_addrs = []  # the copies are temporaries: never reuse their addresses
 
     def _build_buckets(self, params: list[torch.Tensor]) -> list[_Bucket]:
         """Flat state buffers per (dtype, state kind), filled from the per-parameter states, which
@@ -268,15 +276,7 @@ def _device_maps(device: torch.device) -> tuple[torch.Tensor, ...]:
     return _MAPS[device]
 
 
-def _step_meta(g_addrs: list[int], steps: np.ndarray, lr: float, beta1: float, beta2: float, eps: float) -> torch.Tensor:
-    """One (pinned) byte buffer: int64 gradient addresses, then float32 (step_size, eps_hat) pairs."""
-    n = len(g_addrs)
-    buf = np.empty(16 * n, dtype=np.uint8)
-    buf[: 8 * n].view(np.int64)[:] = g_addrs
-    scal = buf[8 * n:].view(np.float32).reshape(n, 2)
-    if steps.min() == steps.max():
-        scal[:] = reference.step_scalars(lr, beta1, beta2, eps, int(steps[0]))
-    else:
-        scal[:] = [reference.step_scalars(lr, beta1, beta2, eps, s) for s in steps.tolist()]
-    meta = torch.from_numpy(buf)
-    return meta.pin_memory() if torch.cuda.is_available() else meta
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 device tensor of `values`, copied without blocking the host."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
