@@ -37,8 +37,8 @@ class _Bucket:
     """Tensors of one group sharing a param dtype and a state kind, updated by one launch."""
 
     params: list[torch.Tensor]
+    index: list[int]  # positions of `params` in the group's parameter list
     dtype: torch.dtype
-    eight_bit: bool
     state1: torch.Tensor  # flat
     state2: torch.Tensor
     absmax1: torch.Tensor | None
@@ -48,11 +48,23 @@ class _Bucket:
     elem_offs: torch.Tensor
     block_offs: torch.Tensor
     p_ptrs: torch.Tensor
-    states: list[dict]
-    steps: np.ndarray  # int64 per tensor, mirrored into each state's "step"
-    p_addrs: list[int] = field(default_factory=list)
+    p_addrs: list[int]
+    steps: torch.Tensor  # int64 on the CPU; each parameter's state["step"] is a view of one entry
+    uniform: bool  # all tensors at the same step
     g_ptrs: torch.Tensor | None = None
     g_addrs: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """How a param group steps, decided once per layout (which parameters have gradients)."""
+
+    key: tuple
+    backend: str
+    n: int  # parameters in the group
+    fast: bool  # every parameter has a gradient and all go to the kernel
+    rest: list[torch.Tensor]  # stepped by the reference
+    buckets: list[_Bucket]
 
 
 class Adam8bit(torch.optim.Optimizer):
@@ -77,7 +89,7 @@ class Adam8bit(torch.optim.Optimizer):
             raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r} (a positive int)")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = min_8bit_size
-        self._buckets: dict[int, tuple[tuple, list[torch.Tensor], list[_Bucket]]] = {}  # group -> (layout, ref, fused)
+        self._plans: dict[int, _Plan] = {}
 
     # ----- state -------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor) -> dict:
@@ -98,7 +110,10 @@ class Adam8bit(torch.optim.Optimizer):
     @staticmethod
     def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
         # Keep the dtype of every state tensor (uint8 codes, float32 absmax and moments); only move.
-        return value.to(device=param.device) if isinstance(value, torch.Tensor) else value
+        # The step stays on the CPU: it only feeds host-side bias corrections.
+        if key == "step" or not isinstance(value, torch.Tensor):
+            return value
+        return value.to(device=param.device)
 
     def state_dict(self):
         sd = super().state_dict()
@@ -120,7 +135,7 @@ class Adam8bit(torch.optim.Optimizer):
                 s = state_dict["state"].get(pid)
                 if s is not None:
                     self._check_saved_state(p, s, f"param group {gi}, parameter {pid}")
-        self._buckets.clear()  # flat buffers are rebuilt from the loaded per-parameter states
+        self._plans.clear()  # flat buffers are rebuilt from the loaded per-parameter states
         super().load_state_dict(state_dict)
 
     @staticmethod
@@ -149,24 +164,34 @@ class Adam8bit(torch.optim.Optimizer):
                 loss = closure()
         backend = os.environ.get("QTUNE_BACKEND", "")
         for gi, group in enumerate(self.param_groups):
+            plan = self._plans.get(gi)
+            if plan is not None and plan.fast and plan.backend == backend and plan.n == len(group["params"]):
+                try:  # the common case: every parameter has a gradient and goes to the kernel
+                    g_addrs = [p.grad.data_ptr() for p in group["params"]]
+                except AttributeError:  # a gradient is None: work out the layout again
+                    pass
+                else:
+                    self._fused_step(group, plan.buckets, g_addrs)
+                    continue
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            key = (backend, *map(id, params))
-            cached = self._buckets.get(gi)
-            if cached is None or cached[0] != key:  # which tensors go where: decided once per layout
+            key = tuple(map(id, params))
+            if plan is None or plan.key != key or plan.backend != backend:  # decided once per layout
                 use_kernel = _kernel_filter()
-                fused = [p for p in params if use_kernel(p)]
-                fused_ids = set(map(id, fused))
-                rest = [p for p in params if id(p) not in fused_ids]
                 for p in params:
                     self._check_param(p)
-                cached = (key, rest, self._build_buckets(fused) if fused else [])
-                self._buckets[gi] = cached
-            for p in cached[1]:
+                fused = [p for p in params if use_kernel(p)]
+                fused_ids = set(map(id, fused))
+                plan = _Plan(key=key, backend=backend, n=len(group["params"]),
+                             fast=len(fused) == len(params) == len(group["params"]),
+                             rest=[p for p in params if id(p) not in fused_ids],
+                             buckets=self._build_buckets(fused) if fused else [])
+                self._plans[gi] = plan
+            for p in plan.rest:
                 self._reference_step(p, group)
-            if cached[2]:
-                self._fused_step(group, cached[2])
+            if plan.buckets:
+                self._fused_step(group, plan.buckets, None)
         return loss
 
     @staticmethod
@@ -184,9 +209,11 @@ class Adam8bit(torch.optim.Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         reference.adam_step(p, p.grad, state, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"], decoupled=self._decoupled, step=state["step"])
+                            weight_decay=group["weight_decay"], decoupled=self._decoupled, step=int(state["step"]))
 
-    def _fused_step(self, group: dict, buckets: list[_Bucket]) -> None:
+    def _fused_step(self, group: dict, buckets: list[_Bucket], g_addrs_all: list[int] | None) -> None:
+        """One launch per bucket. `g_addrs_all`: gradient addresses of all the group's parameters
+        in order, when the caller has them (else they are read from the bucket's parameters)."""
         from ..kernels import adam8bit as kernel
 
         beta1, beta2 = group["betas"]
@@ -194,21 +221,25 @@ class Adam8bit(torch.optim.Optimizer):
         device = buckets[0].state1.device
         maps = _device_maps(device)
         for b in buckets:
-            p_addrs = [p.data_ptr() for p in b.params]
-            if p_addrs != b.p_addrs:  # parameters were moved or re-allocated
-                b.p_addrs, b.p_ptrs = p_addrs, _to_device(p_addrs, device)
-            grads = [p.grad for p in b.params]  # autograd keeps grad dtype, shape and device = the param's
-            g_addrs = [g.data_ptr() for g in grads]
-            copied = False
-            if g_addrs != b.g_addrs:  # new gradient tensors: upload their addresses
+            if b.params[0].data_ptr() != b.p_addrs[0] or b.params[-1].data_ptr() != b.p_addrs[-1]:
+                b.p_addrs = [p.data_ptr() for p in b.params]  # parameters were moved (model.to(...))
+                b.p_ptrs = _to_device(b.p_addrs, device)
+            if g_addrs_all is not None:
+                g_addrs = [g_addrs_all[i] for i in b.index]
+            else:
+                g_addrs = [p.grad.data_ptr() for p in b.params]
+            grads = None
+            if g_addrs != b.g_addrs:  # new gradient tensors: check them and upload their addresses
+                grads = [p.grad for p in b.params]
+                for p in b.params:
+                    self._check_param(p)
                 if not all(map(torch.Tensor.is_contiguous, grads)):
-                    grads, copied = [g.contiguous() for g in grads], True
+                    grads = [g.contiguous() for g in grads]  # temporaries: their addresses are not kept
                     g_addrs = [g.data_ptr() for g in grads]
-                b.g_addrs, b.g_ptrs = g_addrs, _to_device(g_addrs, device)
+                b.g_ptrs = _to_device(g_addrs, device)
+                b.g_addrs = g_addrs if grads[0] is b.params[0].grad else []
             b.steps += 1
-            for st, n in zip(b.states, b.steps.tolist()):
-                st["step"] = n
-            if b.steps.min() == b.steps.max():
+            if b.uniform:
                 scalars = reference.step_scalars(lr, beta1, beta2, group["eps"], int(b.steps[0]))
             else:
                 table = [reference.step_scalars(lr, beta1, beta2, group["eps"], n) for n in b.steps.tolist()]
@@ -216,8 +247,7 @@ class Adam8bit(torch.optim.Optimizer):
             kernel.adam_step(b.work, b.p_ptrs, b.g_ptrs, b.numels, b.elem_offs, b.block_offs, scalars,
                              b.state1, b.state2, b.absmax1, b.absmax2, maps, dtype=b.dtype, beta1=beta1, beta2=beta2,
                              decay=1.0 - lr * wd if self._decoupled else 1.0, l2=0.0 if self._decoupled else wd)
-            if copied:
-                b.g_addrs = []  # the copies are temporaries: never reuse their addresses
+            del grads  # any contiguous copies live until after the launch (stream-ordered frees are safe)
 
     def _build_buckets(self, params: list[torch.Tensor]) -> list[_Bucket]:
         """Flat state buffers per (dtype, state kind), filled from the per-parameter states, which
@@ -225,6 +255,7 @@ class Adam8bit(torch.optim.Optimizer):
         from ..kernels.adam8bit import work_list
 
         device = params[0].device
+        position = {id(p): i for i, p in enumerate(params)}
         groups: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
             st = self._init_state(p)
@@ -245,9 +276,12 @@ class Adam8bit(torch.optim.Optimizer):
                     view = flat[name][off: off + part.numel()]
                     self.state[p][name] = view if name.startswith("absmax") else view.view(p.shape)
             as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-            steps = np.array([self.state[p]["step"] for p in ps], dtype=np.int64)
-            buckets.append(_Bucket(params=ps, dtype=dtype, eight_bit=eight_bit, state1=flat["state1"],
-                                   state2=flat["state2"], states=[self.state[p] for p in ps], steps=steps,
+            steps = torch.tensor([int(self.state[p]["step"]) for p in ps], dtype=torch.int64)
+            for i, p in enumerate(ps):
+                self.state[p]["step"] = steps[i]  # a view: `steps += 1` advances every parameter's step
+            buckets.append(_Bucket(params=ps, index=[position[id(p)] for p in ps], dtype=dtype,
+                                   state1=flat["state1"], state2=flat["state2"], steps=steps,
+                                   uniform=bool((steps == steps[0]).all()),
                                    absmax1=flat.get("absmax1"), absmax2=flat.get("absmax2"),
                                    work=work_list(numels, device), numels=as_dev(numels),
                                    elem_offs=as_dev(elem_offs), block_offs=as_dev(block_offs),
