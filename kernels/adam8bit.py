@@ -9,6 +9,8 @@ tables because each tensor is its own allocation. Imports torch and triton only.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -19,44 +21,30 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _dynamic_index(x, mids_ptr, SIGNED: tl.constexpr):
-    """Index of the nearest entry of bitsandbytes' 8-bit dynamic map to x in [-1, 1], ties to the
-    lower index (torch.bucketize over the 255 midpoints).
+def _magnitude_index(ax, mids_ptr, Z, T1, T2, T3, T4, T5, T6, SIGNED: tl.constexpr):
+    """Index of the nearest entry of the map's non-negative half to ax >= 0, ties to the smaller:
+    127..255 (signed map) or 0..255 (unsigned).
 
-    The map's non-negative part holds, for decades k = 0..6, n = 2**k (signed) or 2**(k+1)
-    (unsigned) evenly spaced means of [1e(k-7), 1e(k-6)). The decade of |x| comes from comparisons
-    with the map's own midpoints between decades; within it, a closed-form guess biased low is the
-    answer or the one below it (in magnitude), so a single midpoint comparison settles it."""
-    ax = tl.abs(x)
-    if SIGNED:
-        base = 127
-        zero = tl.load(mids_ptr + 127)
-    else:
-        base = 0
-        zero = tl.load(mids_ptr + 0)
-    k = tl.zeros(x.shape, tl.int32)
-    for e in tl.static_range(1, 7):  # decade entries: midpoint before the first mean of decade e
-        if SIGNED:
-            k += (ax > tl.load(mids_ptr + 126 + (1 << e))).to(tl.int32)
-        else:
-            k += (ax > tl.load(mids_ptr + (2 << e) - 2)).to(tl.int32)
+    That half holds 0, then for decades k = 0..6 n = 2**k (signed) or 2**(k+1) (unsigned) evenly
+    spaced means of [1e(k-7), 1e(k-6)), then 1. The decade comes from comparisons with the map's
+    own midpoints (Z below the first mean, T1..T6 where decades 1..6 begin); within it a
+    closed-form guess biased low is the answer or the one below, and one midpoint settles it."""
+    k = ((ax > T1).to(tl.int32) + (ax > T2).to(tl.int32) + (ax > T3).to(tl.int32) + (ax > T4).to(tl.int32)
+         + (ax > T5).to(tl.int32) + (ax > T6).to(tl.int32))
     if SIGNED:
         n = 1 << k
+        first = 127 + n  # index of the decade's first mean
+        zero = 127
     else:
         n = 2 << k
+        first = n - 1
+        zero = 0
     nf = n.to(tl.float32)
-    inv_scale = tl.exp2((6 - k).to(tl.float32) * 3.321928094887362)  # 10**(6-k); a guess needs no exactness
+    inv_scale = tl.exp2((6 - k).to(tl.float32) * 3.321928094887362)  # 10**(6-k): a guess needs no exactness
     j = tl.floor((ax * inv_scale - 0.1) * nf * (1.0 / 0.9) - 1e-3)
     j = tl.minimum(tl.maximum(j, 0.0), nf - 1.0).to(tl.int32)
-    guess = tl.where(ax <= zero, base, base + n - 1 + j + SIGNED)  # magnitude index, at most one too low
-    if SIGNED:
-        mirror = 254 - guess  # the same magnitude on the negative side
-        neg = x < 0
-        mid = tl.load(mids_ptr + tl.where(neg, tl.maximum(mirror - 1, 0), guess))
-        idx = tl.where(neg, mirror - ((mirror > 0) & (x <= mid)).to(tl.int32), guess + (x > mid).to(tl.int32))
-    else:
-        idx = guess + (x > tl.load(mids_ptr + guess)).to(tl.int32)
-    return idx
+    guess = tl.where(ax <= Z, zero, first + j)
+    return guess + (ax > tl.load(mids_ptr + guess)).to(tl.int32)
 
 
 @triton.jit
@@ -71,55 +59,62 @@ def _to_param_dtype(x, P_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows(s, absmax, mids_ptr, SIGNED: tl.constexpr):
+def _quantize_rows(s, absmax, mids_ptr, Z, T1, T2, T3, T4, T5, T6, SIGNED: tl.constexpr):
+    """uint8 codes of the rows of s scaled by their absmax; the negative half mirrors the positive
+    one (ties to the smaller magnitude), and a negative first moment never rounds to +0."""
     inv = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax), 0.0)
-    scaled = s * inv[:, None]
-    idx = _dynamic_index(scaled, mids_ptr, SIGNED)
-    if SIGNED:  # a negative first moment never rounds to +0 (keeps its sign, as in bitsandbytes)
-        idx = tl.where((scaled < 0) & (idx == 127), 126, idx)
+    x = s * inv[:, None]
+    idx = _magnitude_index(tl.abs(x), mids_ptr, Z, T1, T2, T3, T4, T5, T6, SIGNED)
+    if SIGNED:
+        idx = tl.where(x < 0, tl.maximum(254 - idx, 0), idx)
+        idx = tl.where((x < 0) & (idx == 127), 126, idx)
     return idx.to(tl.uint8)
 
 
 @triton.jit
-def _adam_kernel(work_ptr, pptr_ptr, gptr_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
-                 s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_ptr, mids1_ptr, mids2_ptr,
-                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
-                 P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 PER_TENSOR_STEP: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    w = tl.program_id(0)
-    slot = tl.load(work_ptr + 2 * w)
-    first = tl.load(work_ptr + 2 * w + 1).to(tl.int64)
-    p_ptr = tl.load(pptr_ptr + slot).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(gptr_ptr + slot).to(tl.pointer_type(P_DTYPE))
-    numel = tl.load(numel_ptr + slot)
-    elem_off = tl.load(elem_off_ptr + slot)
-    if PER_TENSOR_STEP:  # tensors at different steps: bias corrections from the table
-        step_size = tl.load(scal_ptr + 2 * slot)
-        eps_hat = tl.load(scal_ptr + 2 * slot + 1)
+def _load(ptr, mask, other, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=other)
+    return tl.load(ptr)
 
+
+@triton.jit
+def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_ptr, mids1_ptr, mids2_ptr,
+               first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
+               Z1, A1, A2, A3, A4, A5, A6, Z2, B1, B2, B3, B4, B5, B6,
+               P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
+               MASKED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """NB blocks of one tensor from block `first`; pointers already point at the tensor's element
+    0 (state pointers at its segment, absmax pointers at its first block). Unmasked (vectorized)
+    unless MASKED, for the tensor's last, partial run of blocks."""
     rows = first + tl.arange(0, NB)
     offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
-    mask = offs < numel
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if MASKED:
+        mask = offs < numel
+        row_mask = rows * BLOCK_SIZE < numel
+    else:
+        mask = None
+        row_mask = None
+    p = _load(p_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
+    g = _load(g_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
     if USE_L2:
         g = g + l2 * p
     finite = (g == g) & (tl.abs(g) != float("inf"))
+    if MASKED:
+        finite = finite & mask
     g = tl.where(finite, g, 0.0)
     if EIGHT_BIT:
-        block_off = tl.load(block_off_ptr + slot)
-        row_mask = rows * BLOCK_SIZE < numel
-        a1 = tl.load(a1_ptr + block_off + rows, mask=row_mask, other=0.0)
-        a2 = tl.load(a2_ptr + block_off + rows, mask=row_mask, other=0.0)
-        c1 = tl.load(s1_ptr + elem_off + offs, mask=mask, other=127).to(tl.int32)
-        c2 = tl.load(s2_ptr + elem_off + offs, mask=mask, other=0).to(tl.int32)
+        a1 = _load(a1_ptr + rows, row_mask, 0.0, MASKED)
+        a2 = _load(a2_ptr + rows, row_mask, 0.0, MASKED)
+        c1 = _load(s1_ptr + offs, mask, 127, MASKED).to(tl.int32)
+        c2 = _load(s2_ptr + offs, mask, 0, MASKED).to(tl.int32)
         s1 = tl.load(code1_ptr + c1) * a1[:, None]
         s2 = tl.load(code2_ptr + c2) * a2[:, None]
     else:
-        s1 = tl.load(s1_ptr + elem_off + offs, mask=mask, other=0.0)
-        s2 = tl.load(s2_ptr + elem_off + offs, mask=mask, other=0.0)
-    s1 = tl.where(finite & mask, s1 * beta1 + one_minus_beta1 * g, 0.0)
-    s2 = tl.where(finite & mask, s2 * beta2 + one_minus_beta2 * g * g, 0.0)
+        s1 = _load(s1_ptr + offs, mask, 0.0, MASKED)
+        s2 = _load(s2_ptr + offs, mask, 0.0, MASKED)
+    s1 = tl.where(finite, s1 * beta1 + one_minus_beta1 * g, 0.0)
+    s2 = tl.where(finite, s2 * beta2 + one_minus_beta2 * g * g, 0.0)
     new = p + step_size * (s1 / (tl.sqrt(s2) + eps_hat))
     if USE_DECAY:
         new = new * decay
@@ -127,16 +122,70 @@ def _adam_kernel(work_ptr, pptr_ptr, gptr_ptr, numel_ptr, elem_off_ptr, block_of
     if EIGHT_BIT:
         n1 = tl.max(tl.abs(s1), axis=1)
         n2 = tl.max(tl.abs(s2), axis=1)
-        tl.store(s1_ptr + elem_off + offs, _quantize_rows(s1, n1, mids1_ptr, True), mask=mask)
-        tl.store(s2_ptr + elem_off + offs, _quantize_rows(s2, n2, mids2_ptr, False), mask=mask)
-        tl.store(a1_ptr + block_off + rows, n1, mask=row_mask)
-        tl.store(a2_ptr + block_off + rows, n2, mask=row_mask)
+        tl.store(s1_ptr + offs, _quantize_rows(s1, n1, mids1_ptr, Z1, A1, A2, A3, A4, A5, A6, True), mask=mask)
+        tl.store(s2_ptr + offs, _quantize_rows(s2, n2, mids2_ptr, Z2, B1, B2, B3, B4, B5, B6, False), mask=mask)
+        tl.store(a1_ptr + rows, n1, mask=row_mask)
+        tl.store(a2_ptr + rows, n2, mask=row_mask)
     else:
-        tl.store(s1_ptr + elem_off + offs, s1, mask=mask)
-        tl.store(s2_ptr + elem_off + offs, s2, mask=mask)
+        tl.store(s1_ptr + offs, s1, mask=mask)
+        tl.store(s2_ptr + offs, s2, mask=mask)
+
+
+@triton.jit
+def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
+                 s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_ptr, mids1_ptr, mids2_ptr,
+                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
+                 Z1, A1, A2, A3, A4, A5, A6, Z2, B1, B2, B3, B4, B5, B6,
+                 P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
+                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    w = tl.program_id(0)
+    slot = tl.load(work_ptr + 2 * w)
+    first = tl.load(work_ptr + 2 * w + 1).to(tl.int64)
+    # Tensors are addressed from one base pointer by element offsets, multiples of ALIGN elements
+    # (16 bytes when the host found them so): that lets loads and stores be vectorized.
+    p_ptr = p_base + tl.multiple_of(tl.load(poff_ptr + slot), ALIGN)
+    g_ptr = p_base + tl.multiple_of(tl.load(goff_ptr + slot), ALIGN)
+    numel = tl.load(numel_ptr + slot)
+    elem_off = tl.multiple_of(tl.load(elem_off_ptr + slot), 16)
+    block_off = tl.load(block_off_ptr + slot)
+    if PER_TENSOR_STEP:  # tensors at different steps: bias corrections from the table
+        step_size = tl.load(scal_ptr + 2 * slot)
+        eps_hat = tl.load(scal_ptr + 2 * slot + 1)
+    if (first + NB) * BLOCK_SIZE <= numel:
+        _adam_tile(p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off,
+                   code1_ptr, code2_ptr, mids1_ptr, mids2_ptr, first, numel, beta1, beta2, one_minus_beta1,
+                   one_minus_beta2, decay, l2, step_size, eps_hat, Z1, A1, A2, A3, A4, A5, A6, Z2, B1, B2, B3, B4, B5,
+                   B6, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, False, NB, BLOCK_SIZE)
+    else:
+        _adam_tile(p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off,
+                   code1_ptr, code2_ptr, mids1_ptr, mids2_ptr, first, numel, beta1, beta2, one_minus_beta1,
+                   one_minus_beta2, decay, l2, step_size, eps_hat, Z1, A1, A2, A3, A4, A5, A6, Z2, B1, B2, B3, B4, B5,
+                   B6, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, True, NB, BLOCK_SIZE)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+class StateMaps(NamedTuple):
+    """The two 8-bit maps on the device (256 float32 codes, 255 midpoints each) and, as host
+    floats, each map's 7 decade thresholds: the midpoint under which |x| rounds to 0, then those
+    where decades 1..6 begin."""
+
+    code1: torch.Tensor  # signed
+    mids1: torch.Tensor
+    code2: torch.Tensor  # unsigned
+    mids2: torch.Tensor
+    thresholds1: tuple[float, ...]
+    thresholds2: tuple[float, ...]
+
+    @classmethod
+    def build(cls, signed: torch.Tensor, unsigned: torch.Tensor, device: torch.device) -> StateMaps:
+        """From the two sorted float32 maps (256 values each)."""
+        m1, m2 = (signed[:-1] + signed[1:]) * 0.5, (unsigned[:-1] + unsigned[1:]) * 0.5
+        t1 = [m1[127]] + [m1[126 + (1 << e)] for e in range(1, 7)]
+        t2 = [m2[0]] + [m2[(2 << e) - 2] for e in range(1, 7)]
+        return cls(signed.to(device), m1.to(device), unsigned.to(device), m2.to(device),
+                   tuple(float(t) for t in t1), tuple(float(t) for t in t2))
 
 
 def work_list(numels: list[int], device: torch.device) -> torch.Tensor:
@@ -145,27 +194,38 @@ def work_list(numels: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(items, dtype=torch.int32, device=device).reshape(-1, 2)
 
 
-def adam_step(work: torch.Tensor, p_ptrs: torch.Tensor, g_ptrs: torch.Tensor, numels: torch.Tensor,
-              elem_offs: torch.Tensor, block_offs: torch.Tensor, scalars: torch.Tensor | tuple[float, float],
-              state1: torch.Tensor, state2: torch.Tensor, absmax1: torch.Tensor | None, absmax2: torch.Tensor | None,
-              maps: tuple[torch.Tensor, ...], *, dtype: torch.dtype, beta1: float, beta2: float,
-              decay: float, l2: float) -> None:
-    """Launch one step over a work list. Tables are device tensors indexed by slot: p_ptrs, g_ptrs
-    (int64 addresses of contiguous tensors of `dtype`), numels, elem_offs (into state1/state2),
-    block_offs (into absmax1/absmax2). `scalars`: (step_size, eps_hat) shared by all tensors, or a
-    float32 (n, 2) device table of them per tensor. 8-bit when absmax1 is given (uint8 states),
-    else float32 states. `decay` multiplies the parameter after the update (AdamW; 1.0 for none);
-    `l2` times the parameter is added to the gradient (Adam). `maps`: (signed map, its 255
-    midpoints, unsigned map, its midpoints), float32 on the device."""
+def element_offsets(addrs: list[int], base: int, itemsize: int) -> tuple[list[int], int]:
+    """Offsets of tensors at `addrs` from `base`, in elements, and the largest alignment (in
+    elements, up to 16 bytes) that all of them and the base share, for the kernel's ALIGN."""
+    align = 16
+    for a in [base, *addrs]:
+        while a % align:
+            align //= 2
+    return [(a - base) // itemsize for a in addrs], max(align // itemsize, 1)
+
+
+def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_offs: torch.Tensor, align: int,
+              numels: torch.Tensor, elem_offs: torch.Tensor, block_offs: torch.Tensor,
+              scalars: torch.Tensor | tuple[float, float], state1: torch.Tensor, state2: torch.Tensor,
+              absmax1: torch.Tensor | None, absmax2: torch.Tensor | None, maps: StateMaps, *, beta1: float,
+              beta2: float, decay: float, l2: float) -> None:
+    """Launch one step over a work list. Parameters and gradients are contiguous tensors of
+    p_base's dtype at element offsets p_offs / g_offs (int64 device tables, from
+    `element_offsets`, all multiples of `align`) from p_base. Other tables, indexed by slot:
+    numels, elem_offs (into state1/state2; multiples of 16), block_offs (into absmax1/absmax2).
+    `scalars`: (step_size, eps_hat) shared by all tensors, or a float32 (n, 2) device table of
+    them. 8-bit when absmax1 is given (uint8 states), else float32 states. `decay` multiplies the
+    parameter after the update (AdamW; 1.0 for none); `l2` times the parameter is added to the
+    gradient (Adam)."""
     eight_bit = absmax1 is not None
     per_tensor = isinstance(scalars, torch.Tensor)
-    code1, mids1, code2, mids2 = maps
-    dummy = state1 if eight_bit else code1
+    dummy = state1 if eight_bit else maps.code1
     step_size, eps_hat = (0.0, 0.0) if per_tensor else scalars
     _adam_kernel[(work.shape[0],)](
-        work, p_ptrs, g_ptrs, numels, elem_offs, block_offs, scalars if per_tensor else code1,
-        state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy, code1, code2, mids1, mids2,
-        beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
-        P_DTYPE=_TL_DTYPES[dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
-        PER_TENSOR_STEP=per_tensor, NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
+        work, p_base, p_offs, g_offs, numels, elem_offs, block_offs, scalars if per_tensor else maps.code1,
+        state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy,
+        maps.code1, maps.code2, maps.mids1, maps.mids2,
+        beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat, *maps.thresholds1, *maps.thresholds2,
+        P_DTYPE=_TL_DTYPES[p_base.dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
+        PER_TENSOR_STEP=per_tensor, ALIGN=align, NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
     )

@@ -47,11 +47,12 @@ class _Bucket:
     numels: torch.Tensor
     elem_offs: torch.Tensor
     block_offs: torch.Tensor
-    p_ptrs: torch.Tensor
     p_addrs: list[int]
     steps: torch.Tensor  # int64 on the CPU; each parameter's state["step"] is a view of one entry
     uniform: bool  # all tensors at the same step
-    g_ptrs: torch.Tensor | None = None
+    p_offs: torch.Tensor | None = None  # element offsets from params[0], uploaded with the gradients'
+    g_offs: torch.Tensor | None = None
+    align: int = 1  # elements every offset is a multiple of
     g_addrs: list[int] = field(default_factory=list)
 
 
@@ -223,20 +224,20 @@ class Adam8bit(torch.optim.Optimizer):
         for b in buckets:
             if b.params[0].data_ptr() != b.p_addrs[0] or b.params[-1].data_ptr() != b.p_addrs[-1]:
                 b.p_addrs = [p.data_ptr() for p in b.params]  # parameters were moved (model.to(...))
-                b.p_ptrs = _to_device(b.p_addrs, device)
+                b.g_addrs = []
             if g_addrs_all is not None:
                 g_addrs = [g_addrs_all[i] for i in b.index]
             else:
                 g_addrs = [p.grad.data_ptr() for p in b.params]
             grads = None
-            if g_addrs != b.g_addrs:  # new gradient tensors: check them and upload their addresses
+            if g_addrs != b.g_addrs:  # new gradient tensors: check them and upload their offsets
                 grads = [p.grad for p in b.params]
                 for p in b.params:
                     self._check_param(p)
                 if not all(map(torch.Tensor.is_contiguous, grads)):
                     grads = [g.contiguous() for g in grads]  # temporaries: their addresses are not kept
                     g_addrs = [g.data_ptr() for g in grads]
-                b.g_ptrs = _to_device(g_addrs, device)
+                self._upload_offsets(b, g_addrs, device)
                 b.g_addrs = g_addrs if grads[0] is b.params[0].grad else []
             b.steps += 1
             if b.uniform:
@@ -244,10 +245,21 @@ class Adam8bit(torch.optim.Optimizer):
             else:
                 table = [reference.step_scalars(lr, beta1, beta2, group["eps"], n) for n in b.steps.tolist()]
                 scalars = torch.tensor(table, dtype=torch.float32).to(device)
-            kernel.adam_step(b.work, b.p_ptrs, b.g_ptrs, b.numels, b.elem_offs, b.block_offs, scalars,
-                             b.state1, b.state2, b.absmax1, b.absmax2, maps, dtype=b.dtype, beta1=beta1, beta2=beta2,
+            kernel.adam_step(b.work, b.params[0], b.p_offs, b.g_offs, b.align, b.numels, b.elem_offs, b.block_offs,
+                             scalars, b.state1, b.state2, b.absmax1, b.absmax2, maps, beta1=beta1, beta2=beta2,
                              decay=1.0 - lr * wd if self._decoupled else 1.0, l2=0.0 if self._decoupled else wd)
             del grads  # any contiguous copies live until after the launch (stream-ordered frees are safe)
+
+    @staticmethod
+    def _upload_offsets(b: _Bucket, g_addrs: list[int], device: torch.device) -> None:
+        """Element offsets of the bucket's parameters and gradients from its first parameter."""
+        from ..kernels.adam8bit import element_offsets
+
+        base, size = b.p_addrs[0], b.params[0].element_size()
+        p_offs, p_align = element_offsets(b.p_addrs, base, size)
+        g_offs, g_align = element_offsets(g_addrs, base, size)
+        b.p_offs, b.g_offs = _to_device(p_offs, device), _to_device(g_offs, device)
+        b.align = min(p_align, g_align)
 
     def _build_buckets(self, params: list[torch.Tensor]) -> list[_Bucket]:
         """Flat state buffers per (dtype, state kind), filled from the per-parameter states, which
@@ -263,15 +275,17 @@ class Adam8bit(torch.optim.Optimizer):
         buckets = []
         for (dtype, eight_bit), ps in groups.items():
             numels = [p.numel() for p in ps]
-            elem_offs = np.cumsum([0] + numels[:-1]).tolist()
+            elem_offs = np.cumsum([0] + [-(-n // 16) * 16 for n in numels[:-1]]).tolist()  # 16-aligned segments
             blocks = [-(-n // BLOCK) for n in numels]
             block_offs = np.cumsum([0] + blocks[:-1]).tolist()
             flat = {}
             names = ("state1", "state2", "absmax1", "absmax2") if eight_bit else ("state1", "state2")
             for name in names:
                 parts = [self.state[p][name].reshape(-1) for p in ps]
-                flat[name] = torch.cat(parts).to(device)
                 offs = block_offs if name.startswith("absmax") else elem_offs
+                flat[name] = parts[0].new_zeros(offs[-1] + parts[-1].numel(), device=device)
+                for part, off in zip(parts, offs):
+                    flat[name][off: off + part.numel()] = part
                 for p, part, off in zip(ps, parts, offs):
                     view = flat[name][off: off + part.numel()]
                     self.state[p][name] = view if name.startswith("absmax") else view.view(p.shape)
@@ -285,7 +299,7 @@ class Adam8bit(torch.optim.Optimizer):
                                    absmax1=flat.get("absmax1"), absmax2=flat.get("absmax2"),
                                    work=work_list(numels, device), numels=as_dev(numels),
                                    elem_offs=as_dev(elem_offs), block_offs=as_dev(block_offs),
-                                   p_ptrs=as_dev([p.data_ptr() for p in ps]), p_addrs=[p.data_ptr() for p in ps]))
+                                   p_addrs=[p.data_ptr() for p in ps]))
         return buckets
 
 
@@ -300,13 +314,16 @@ class AdamW8bit(Adam8bit):
         super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size=min_8bit_size)
 
 
-_MAPS: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+_MAPS: dict[torch.device, object] = {}
 
 
-def _device_maps(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(signed map, its midpoints, unsigned map, its midpoints) on `device`, made once."""
+def _device_maps(device: torch.device):
+    """The kernel's StateMaps on `device`, made once."""
+    from ..kernels.adam8bit import StateMaps
+
     if device not in _MAPS:
-        _MAPS[device] = tuple(t.to(device) for t in state_maps())
+        m1, _, m2, _ = state_maps()
+        _MAPS[device] = StateMaps.build(m1, m2, device)
     return _MAPS[device]
 
 

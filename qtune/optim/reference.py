@@ -2,7 +2,7 @@
 
 The math is bitsandbytes' blockwise 8-bit Adam: dequantize both moments, update them, step the
 parameter with bias corrections folded into `step_size` and `eps_hat`, then requantize each
-moment with its block's new absmax (nearest code of the dynamic map; ties to the lower code).
+moment with its block's new absmax (nearest code of the dynamic map; ties to the smaller magnitude).
 """
 
 from __future__ import annotations
@@ -38,17 +38,19 @@ def dequantize_state(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) ->
 
 def quantize_state(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes, float32 absmax per block of 256) of a float32 state: the nearest code of
-    x * (1/absmax), ties to the lower code. A negative first moment
-    never rounds to +0 (bitsandbytes keeps its sign: it moves to the next negative code)."""
+    x * (1/absmax), ties to the smaller magnitude. A negative first moment never rounds to +0
+    (bitsandbytes keeps its sign: it moves to the next negative code)."""
     m1, mid1, m2, mid2 = state_maps()
     code, mids = (m1, mid1) if signed else (m2, mid2)
     blocks = _blocks(x)
     absmax = blocks.abs().amax(1)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # one division per block
     scaled = blocks * inv[:, None]
-    idx = torch.bucketize(scaled.reshape(-1)[: x.numel()], mids.to(x.device))
-    if signed:
-        idx = torch.where((scaled.reshape(-1)[: x.numel()] < 0) & (code.to(x.device)[idx] >= 0), idx - 1, idx)
+    scaled = scaled.reshape(-1)[: x.numel()]
+    idx = torch.bucketize(scaled.abs(), mids.to(x.device))  # on the non-negative half, ties to the smaller
+    if signed:  # the negative half mirrors it; a negative moment never rounds to +0
+        idx = torch.where(scaled < 0, (254 - idx).clamp_min(0), idx)
+        idx = torch.where((scaled < 0) & (idx == 127), 126, idx)
     return idx.to(torch.uint8), absmax
 
 

@@ -40,18 +40,29 @@ def test_kernel_matches_reference(dtype, eight_bit, decoupled):
     params_before = [p.clone() for p in params]
     kp = [p.clone() for p in params]
     ks = [{k: v.clone() for k, v in s.items()} for s in states]
-    flat = {k: torch.cat([s[k] for s in ks]) for k in ks[0]}
     numels = [p.numel() for p in kp]
-    elem_offs = torch.tensor([0] + list(torch.tensor(numels).cumsum(0)[:-1]), dtype=torch.int64, device=DEVICE)
+    seg = [-(-n // 16) * 16 for n in numels]
+    elem_offs = [sum(seg[:i]) for i in range(len(seg))]
     blocks = [-(-n // 256) for n in numels]
-    block_offs = torch.tensor([0] + list(torch.tensor(blocks).cumsum(0)[:-1]), dtype=torch.int64, device=DEVICE)
+    block_offs = [sum(blocks[:i]) for i in range(len(blocks))]
+    flat = {}
+    for k in ks[0]:
+        offs = block_offs if k.startswith("absmax") else elem_offs
+        flat[k] = ks[0][k].new_zeros(offs[-1] + ks[-1][k].numel())
+        for s, off in zip(ks, offs):
+            flat[k][off: off + s[k].numel()] = s[k]
     scal = torch.tensor([ref.step_scalars(lr, b1, b2, eps, s) for s in steps], dtype=torch.float32, device=DEVICE)
-    maps = tuple(t.to(DEVICE) for t in ref.state_maps())
-    ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=DEVICE)  # noqa: E731
-    kernel.adam_step(kernel.work_list(numels, DEVICE), ptrs(kp), ptrs(grads), torch.tensor(numels, device=DEVICE),
-                     elem_offs, block_offs, scal, flat["state1"], flat["state2"], flat.get("absmax1"),
-                     flat.get("absmax2"), maps, dtype=dtype, beta1=b1, beta2=b2,
+    m1, _, m2, _ = ref.state_maps()
+    maps = kernel.StateMaps.build(m1, m2, DEVICE)
+    p_offs, pa = kernel.element_offsets([p.data_ptr() for p in kp], kp[0].data_ptr(), kp[0].element_size())
+    g_offs, ga = kernel.element_offsets([g.data_ptr() for g in grads], kp[0].data_ptr(), kp[0].element_size())
+    dev = lambda xs: torch.tensor(xs, dtype=torch.int64, device=DEVICE)  # noqa: E731
+    kernel.adam_step(kernel.work_list(numels, DEVICE), kp[0], dev(p_offs), dev(g_offs), min(pa, ga), dev(numels),
+                     dev(elem_offs), dev(block_offs), scal, flat["state1"], flat["state2"], flat.get("absmax1"),
+                     flat.get("absmax2"), maps, beta1=b1, beta2=b2,
                      decay=1 - lr * wd if decoupled else 1.0, l2=0.0 if decoupled else wd)
+    got_states = {k: torch.cat([flat[k][o: o + s[k].numel()] for s, o in
+                                zip(states, block_offs if k.startswith("absmax") else elem_offs)]) for k in flat}
     # reference, tensor by tensor
     for p, g, s, st in zip(params, grads, states, steps):
         ref.adam_step(p, g, s, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, decoupled=decoupled, step=st)
@@ -66,6 +77,7 @@ def test_kernel_matches_reference(dtype, eight_bit, decoupled):
     assert bool((diff <= 2 * ulp + 1e-5 * (want_p - before).abs()).all())
     assert dtype == torch.float32 or int((diff > 0).sum()) <= diff.numel() // 1000
     want = {k: torch.cat([s[k] for s in states]) for k in states[0]}
+    flat = got_states
     if eight_bit:
         assert rel_err(flat["absmax1"], want["absmax1"]) < 1e-6 and rel_err(flat["absmax2"], want["absmax2"]) < 1e-6
         for k in ("state1", "state2"):  # a code may differ where float32 rounding meets a midpoint
