@@ -17,7 +17,7 @@ import triton.language as tl
 
 BLOCK = 256  # values per absmax block
 BLOCKS_PER_PROGRAM = 4  # launch shape, read at launch (scripts/bench_optim.py sweeps them)
-NUM_WARPS = 8
+NUM_WARPS = 4
 
 
 @triton.jit

@@ -90,9 +90,10 @@ def competitors(sweep: bool):
             return qtune.optim.AdamW8bit(ps, lr=1e-4)
         return build
 
+    default = (adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS)
     for nb, warps in ([(2, 4), (4, 8), (8, 8), (16, 8)] if sweep else []):
         yield f"qtune nb={nb} warps={warps}", qtune_with(nb, warps)
-    yield "qtune AdamW8bit", qtune_with(4, 4)
+    yield "qtune AdamW8bit", qtune_with(*default)
     yield "torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
     try:
         import bitsandbytes as bnb

@@ -68,13 +68,14 @@ def test_kernel_matches_reference(dtype, eight_bit, decoupled):
         ref.adam_step(p, g, s, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, decoupled=decoupled, step=st)
     got_p = torch.cat([p.float() for p in kp])
     want_p = torch.cat([p.float() for p in params])
-    # float32 rounding apart: within 2 ulps of the parameter dtype plus 1e-5 of the step taken
-    # (the interpreter evaluates some scalar products in float64); 16-bit params rarely differ at all
+    # float32 rounding apart: within 2 ulps of the parameter dtype plus 1e-3 of the step taken (the
+    # kernel contracts g + l2*p into an FMA; where the two nearly cancel, the step's relative
+    # rounding grows to ~1e-3); 16-bit params rarely differ at all
     before = torch.cat([p.float() for p in params_before])
     ulp = torch.finfo(dtype).eps * want_p.abs().clamp_min(torch.finfo(dtype).tiny)
     diff = (got_p - want_p).abs()
     print(f"params: {int((diff > 0).sum())} of {diff.numel()} differ, max {float((diff / ulp).max()):.2f} ulp")
-    assert bool((diff <= 2 * ulp + 1e-5 * (want_p - before).abs()).all())
+    assert bool((diff <= 2 * ulp + (1e-3 if not decoupled else 1e-5) * (want_p - before).abs()).all())
     assert dtype == torch.float32 or int((diff > 0).sum()) <= diff.numel() // 1000
     want = {k: torch.cat([s[k] for s in states]) for k in states[0]}
     flat = got_states
