@@ -1,0 +1,267 @@
+"""The training loop: accumulation, mixed precision, schedule, clipping, eval, checkpoints,
+exact resume, signals. Ordinary PyTorch; no HF Trainer."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import torch
+
+from . import run_state
+from .data import build_datasets, collate, pack
+from .metrics import MetricsLogger
+from .model import load_model
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw8bit", "adam8bit", "adamw")
+
+
+class RunError(ValueError):
+    """A bad setting found at start: one line, exit code 2."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"train.device={name} but CUDA is not available")
+    return torch.device(name)
+
+
+def make_optimizer(cfg, params):
+    from .optim import Adam8bit, AdamW8bit
+
+    o = cfg.optim
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw8bit":
+        return AdamW8bit(params, **kw)
+    if o.name == "adam8bit":
+        return Adam8bit(params, **kw)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    raise RunError(f"optim.name {o.name!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def make_schedule(cfg, optimizer, total: int):
+    o = cfg.optim
+    if o.schedule not in SCHEDULES:
+        raise RunError(f"optim.schedule {o.schedule!r} is not supported; allowed: {', '.join(SCHEDULES)}")
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        frac = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        if o.schedule == "linear":
+            return max(0.0, 1.0 - frac)
+        if o.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Batches:
+    """Deterministic micro-batches: epoch e visits the items in a permutation seeded by seed + e;
+    the position is one integer (micro-batches consumed), so a resumed run sees the same data."""
+
+    def __init__(self, items: list, micro_batch: int, seed: int, pad_id: int, mask_dtype) -> None:
+        if len(items) < micro_batch:
+            raise RunError(f"train.micro_batch={micro_batch} exceeds the {len(items)} training items")
+        self.items, self.mb, self.seed, self.pad_id, self.mask_dtype = items, micro_batch, seed, pad_id, mask_dtype
+        self.per_epoch = len(items) // micro_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def get(self, position: int) -> dict:
+        epoch, i = divmod(position, self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.items), generator=g).tolist(), epoch
+        idx = self._perm[i * self.mb:(i + 1) * self.mb]
+        return collate([self.items[j] for j in idx], self.pad_id, self.mask_dtype)
+
+
+def _to(batch: dict, device, dtype) -> dict:
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else None) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, items: list, micro_batch: int, pad_id: int, device, autocast_dtype, mask_dtype) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(items), micro_batch):
+        batch = _to(collate(items[i:i + micro_batch], pad_id, mask_dtype), device, None)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
+        total, tokens = total + float(loss) * n, tokens + n
+    model.train()
+    return total / max(tokens, 1)
+
+
+def train(cfg, resolved: dict) -> dict:
+    """Run a training job described by the resolved config; returns a summary."""
+    t = cfg.train
+    if t.precision not in PRECISIONS:
+        raise RunError(f"train.precision {t.precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
+    for name in ("micro_batch", "grad_accum", "seq_len", "log_every", "save_every", "eval_every", "keep_last"):
+        if getattr(t, name) < 1:
+            raise RunError(f"train.{name}={getattr(t, name)} must be at least 1")
+    device = pick_device(t.device)
+    out = t.output_dir
+    os.makedirs(out, exist_ok=True)
+    resume_from = run_state.resolve_resume(t.resume, out)
+    if t.memory_fraction and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(t.memory_fraction, device)
+    torch.manual_seed(t.seed)
+
+    model, tokenizer = load_model(cfg, device)
+    train_ex, eval_ex = build_datasets(cfg.data, tokenizer, t.seq_len, t.seed)
+    autocast_dtype = PRECISIONS[t.precision] if device.type == "cuda" else None
+    mask_dtype = autocast_dtype or torch.float32
+    train_items = pack(train_ex, t.seq_len) if cfg.data.packing else train_ex
+    eval_items = pack(eval_ex, t.seq_len) if cfg.data.packing else eval_ex
+    batches = Batches(train_items, t.micro_batch, t.seed, tokenizer.pad_token_id, mask_dtype)
+    total = t.max_steps
+    if t.epochs:
+        total = max(1, math.ceil(t.epochs * batches.per_epoch / t.grad_accum))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    scheduler = make_schedule(cfg, optimizer, total)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16" and device.type == "cuda")
+    step, position = 0, 0
+    if resume_from:
+        saved = run_state.load(resume_from, model, device)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        step, position = saved["step"], saved["position"]
+        run_state.set_rng_state(saved["rng"])
+        print(f"resumed from {resume_from} at step {step}", flush=True)
+
+    logger = MetricsLogger(out, cfg.logger.kind, resolved, cfg.logger.project, cfg.logger.name,
+                           list(cfg.logger.tags), resume_step=step)
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    trainable = sum(p.numel() for p in params)
+    print(f"training {trainable:,} LoRA parameters for {total} steps on {device} "
+          f"({len(train_items)} train / {len(eval_items)} eval items); output in {out}", flush=True)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    model.train()
+    first_loss, last_loss, bad_steps, window = None, None, 0, []
+    t_start, tokens_seen = time.perf_counter(), 0
+
+    def checkpoint() -> str:
+        return run_state.save(out, step, model, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "position": position}, t.keep_last)
+
+    try:
+        while step < total:
+            loss_sum, n_tok = 0.0, 0
+            for _ in range(t.grad_accum):
+                batch = _to(batches.get(position), device, None)
+                position += 1
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = model(**batch).loss
+                scaler.scale(loss / t.grad_accum).backward()
+                loss_sum += float(loss.detach())
+                n_tok += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 else batch["input_ids"].numel()
+            loss_val = loss_sum / t.grad_accum
+            tokens_seen += n_tok
+            if not math.isfinite(loss_val):
+                bad_steps += 1
+                note = "fp16: step skipped, loss scale lowered" if scaler.is_enabled() else "update skipped"
+                print(f"step {step + 1}: non-finite loss ({loss_val}); {note}", flush=True)
+                if not scaler.is_enabled():
+                    optimizer.zero_grad(set_to_none=True)
+                    if bad_steps >= 3:
+                        raise RunError(f"3 consecutive non-finite losses up to step {step + 1}; lower optim.lr "
+                                       f"or check the data")
+            else:
+                bad_steps = 0
+            grad_norm = None
+            if math.isfinite(loss_val) or scaler.is_enabled():
+                scaler.unscale_(optimizer)
+                if cfg.optim.max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if math.isfinite(loss_val):
+                window.append(loss_val)
+            if (step % t.log_every == 0 or step == total) and window:
+                elapsed = time.perf_counter() - t_start
+                loss_val = sum(window) / len(window)  # the mean over the steps since the last record
+                window.clear()
+                first_loss = loss_val if first_loss is None else first_loss
+                last_loss = loss_val
+                rec = {"step": step, "loss": loss_val, "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+                if grad_norm is not None:
+                    rec["grad_norm"] = grad_norm
+                if device.type == "cuda":
+                    rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                logger.log(rec)
+                bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                **({"mem": f"{rec['gpu_mem_gib']:.1f}G"} if "gpu_mem_gib" in rec else {}))
+            if eval_items and (step % t.eval_every == 0 or step == total):
+                ev = evaluate(model, eval_items, t.micro_batch, tokenizer.pad_token_id, device, autocast_dtype,
+                              mask_dtype)
+                logger.log({"step": step, "eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))})
+            if step % t.save_every == 0 and step < total:
+                checkpoint()
+            if t.simulate_sigterm_at is not None and step == t.simulate_sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if stop["signal"] is not None:
+                path = checkpoint()
+                bar.close()
+                print(f"interrupted at step {step}: checkpoint {path}; continue with train.resume=auto", flush=True)
+                raise SystemExit(128 + stop["signal"])
+        bar.close()
+        adapter = save_final(model, out, resolved)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        logger.close()
+    summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "adapter": adapter,
+               "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9)}
+    if device.type == "cuda":
+        summary["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    print(f"done: {step} steps, loss {first_loss:.4f} -> {last_loss:.4f}; adapter in {adapter}", flush=True)
+    return summary
+
+
+def save_final(model, out: str, resolved: dict) -> str:
+    """The adapter in peft's format with the resolved run config beside it, written atomically."""
+    import shutil
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    final = os.path.join(out, "adapter")
+    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=out)
+    try:
+        model.save_pretrained(tmp)
+        OmegaConf.save(OmegaConf.create(resolved), os.path.join(tmp, "qtune_config.yaml"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

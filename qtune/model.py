@@ -1,0 +1,70 @@
+"""Build the model of a run: load (quantizing on load), attach LoRA, prepare for training."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str, what: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{what} {name!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def ensure_built(cfg) -> None:
+    """For model.build (e.g. "tiny-llama"), create the model directory once, atomically."""
+    if cfg.build is None or os.path.isfile(os.path.join(cfg.name, "config.json")):
+        return
+    from .hf.tiny import build_tiny_model
+
+    if cfg.build != "tiny-llama":
+        raise ValueError(f"model.build {cfg.build!r} is not supported; allowed: tiny-llama")
+    parent = os.path.dirname(os.path.abspath(cfg.name))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".build-", dir=parent)
+    try:
+        build_tiny_model(tmp, "llama", hidden=256, layers=4)
+        os.replace(tmp, cfg.name)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(cfg.name, "config.json")):  # not built by a concurrent run either
+            raise
+
+
+def load_model(cfg, device: torch.device):
+    """(peft model ready to train, tokenizer) for the run config `cfg`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .hf import QuantConfig, prepare_for_training
+
+    ensure_built(cfg.model)
+    dtype = parse_dtype(cfg.model.dtype, "model.dtype")
+    kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, dtype=dtype,
+                  device_map={"": device})
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    q = cfg.quant
+    if q.enabled:
+        kwargs["quantization_config"] = QuantConfig(
+            quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype or cfg.model.dtype,
+            blocksize=q.blocksize, quant_storage=q.quant_storage,
+            skip_modules=list(q.skip_modules) if q.skip_modules is not None else None)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.name, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name, revision=cfg.model.revision,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = prepare_for_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    targets = list(cfg.lora.target_modules)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules="all-linear" if targets == ["all-linear"] else targets,
+                      modules_to_save=list(cfg.lora.modules_to_save) if cfg.lora.modules_to_save else None,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), tokenizer
