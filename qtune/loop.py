@@ -129,6 +129,7 @@ def train(cfg, resolved: dict) -> dict:
     if t.epochs:
         total = max(1, math.ceil(t.epochs * batches.per_epoch / t.grad_accum))
 
+    torch.manual_seed(t.seed + 1)  # dropout's stream, the same whatever loading consumed
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     scheduler = make_schedule(cfg, optimizer, total)

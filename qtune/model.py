@@ -29,7 +29,8 @@ def ensure_built(cfg) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".build-", dir=parent)
     try:
-        build_tiny_model(tmp, "llama", hidden=256, layers=4)
+        with torch.random.fork_rng(devices=[]):  # building must not move the run's random stream
+            build_tiny_model(tmp, "llama", hidden=256, layers=4)
         os.replace(tmp, cfg.name)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

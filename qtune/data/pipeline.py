@@ -34,7 +34,12 @@ def _load(path: str, split: str):
             raise DataError(f"data file {path} does not exist")
         if ext not in LOCAL_TYPES:
             raise DataError(f"data file {path} has an unknown type; allowed: {', '.join(LOCAL_TYPES)}")
-        return load_dataset(LOCAL_TYPES[ext], data_files=path, split="train")
+        try:
+            return load_dataset(LOCAL_TYPES[ext], data_files=path, split="train")
+        except ValueError as e:
+            if "corresponds to no data" in str(e):
+                raise DataError(f"data set {path} is empty") from None
+            raise DataError(f"could not read {path}: {str(e).splitlines()[0]}") from None
     return load_dataset(path, split=split)
 
 
