@@ -86,7 +86,7 @@ class TrainSettings:
     output_dir: str = "${hydra:runtime.output_dir}"
     resume: Optional[str] = None  # auto | path of a checkpoint directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    memory_fraction: Optional[float] = None  # cap this process's share of GPU memory (e.g. to mimic a smaller card)
+    memory_limit_gib: Optional[float] = None  # cap this process's GPU memory (e.g. 15 to stand in for a 16 GB T4)
     simulate_sigterm_at: Optional[int] = None  # tests: send SIGTERM to itself after this step
 
 

@@ -114,8 +114,9 @@ def train(cfg, resolved: dict) -> dict:
     out = t.output_dir
     os.makedirs(out, exist_ok=True)
     resume_from = run_state.resolve_resume(t.resume, out)
-    if t.memory_fraction and device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(t.memory_fraction, device)
+    if t.memory_limit_gib and device.type == "cuda":
+        total_mem = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, t.memory_limit_gib * 2**30 / total_mem), device)
     torch.manual_seed(t.seed)
 
     model, tokenizer = load_model(cfg, device)

@@ -1,0 +1,50 @@
+"""Save a randomly initialised causal LM of a real model's shape, with qtune's character tokenizer,
+for benchmarks and GPU acceptance runs without downloading weights.
+
+    python scripts/make_random_model.py --shape llama2-13b --out /tmp/llama2-13b-random [--layers 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qtune.hf.tiny import char_tokenizer
+
+SHAPES = {
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
+                       num_hidden_layers=40, vocab_size=32000),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=32, vocab_size=32000),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-13b")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the real model")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    a = ap.parse_args()
+    shape = dict(SHAPES[a.shape])
+    if a.layers:
+        shape["num_hidden_layers"] = a.layers
+    config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
+    t0 = time.time()
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, a.dtype))
+    model.save_pretrained(a.out, max_shard_size="5GB")
+    char_tokenizer().save_pretrained(a.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"saved {a.shape} ({config.num_hidden_layers} layers, {n / 1e9:.2f}B parameters) to {a.out} "
+          f"in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
