@@ -7,7 +7,6 @@ schema is here, so a misspelt key or a wrong type fails at start with Hydra's me
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -111,14 +110,9 @@ class RunConfig:
 
 
 def _asset_dir(name: str) -> Path:
-    """recipes/ or conf/: package data of an installed wheel, or the checkout's top-level folder."""
-    try:
-        path = Path(str(resources.files(f"qtune.{name}")))
-        if path.is_dir() and any(path.iterdir()):
-            return path
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / name
+    """recipes/ or conf/: qtune/NAME in an installed wheel, else the checkout's top-level NAME/."""
+    here = Path(__file__).resolve().parent
+    return here / name if (here / name).is_dir() else here.parent / name
 
 
 def recipe_names() -> list[str]:
