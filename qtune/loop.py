@@ -251,20 +251,12 @@ def train(cfg, resolved: dict) -> dict:
 
 def save_final(model, out: str, resolved: dict) -> str:
     """The adapter in peft's format with the resolved run config beside it, written atomically."""
-    import shutil
-    import tempfile
-
     from omegaconf import OmegaConf
 
+    from .atomic import atomic_dir
+
     final = os.path.join(out, "adapter")
-    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=out)
-    try:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         OmegaConf.save(OmegaConf.create(resolved), os.path.join(tmp, "qtune_config.yaml"))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

@@ -8,10 +8,11 @@ import os
 import random
 import re
 import shutil
-import tempfile
 
 import numpy as np
 import torch
+
+from .atomic import atomic_dir
 
 CKPT = re.compile(r"^step_(\d{7})$")
 
@@ -40,16 +41,9 @@ def save(output_dir: str, step: int, model, state: dict, keep_last: int) -> str:
     root = checkpoint_dir(output_dir)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:07d}")
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
-    try:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(os.path.join(tmp, "adapter"))
         torch.save({**state, "step": step, "rng": rng_state()}, os.path.join(tmp, "state.pt"))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(d for d in os.listdir(root) if CKPT.match(d))[:-keep_last or None]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final

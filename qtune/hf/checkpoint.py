@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 from torch import nn
 
+from ..atomic import atomic_dir
 from ..nn.linear4bit import Linear4bit
 from .config import QuantConfig
 
@@ -55,10 +54,7 @@ def export_bitsandbytes(model: nn.Module, out_dir: str | os.PathLike, *, overwri
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, **save_kwargs)
         with open(os.path.join(tmp, "config.json")) as f:
             config = json.load(f)
@@ -67,10 +63,4 @@ def export_bitsandbytes(model: nn.Module, out_dir: str | os.PathLike, *, overwri
         config["quantization_config"] = bnb
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
