@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rounding import to_dtype_rne
+
 BLOCK = 256  # values per absmax block
 BLOCKS_PER_PROGRAM = 4  # launch shape, read at launch (scripts/bench_optim.py sweeps them)
 NUM_WARPS = 4
@@ -45,17 +47,6 @@ def _magnitude_index(ax, mids_ptr, Z, T1, T2, T3, T4, T5, T6, SIGNED: tl.constex
     j = tl.minimum(tl.maximum(j, 0.0), nf - 1.0).to(tl.int32)
     guess = tl.where(ax <= Z, zero, first + j)
     return guess + (ax > tl.load(mids_ptr + guess)).to(tl.int32)
-
-
-@triton.jit
-def _to_param_dtype(x, P_DTYPE: tl.constexpr):
-    """Round float32 to the parameter dtype to nearest-even. bf16 is rounded by hand: Triton's
-    interpreter truncates on that cast (the GPU rounds; both then agree)."""
-    if P_DTYPE == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & -65536
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(P_DTYPE)
 
 
 @triton.jit
@@ -118,7 +109,7 @@ def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_pt
     new = p + step_size * (s1 / (tl.sqrt(s2) + eps_hat))
     if USE_DECAY:
         new = new * decay
-    tl.store(p_ptr + offs, _to_param_dtype(tl.where(finite, new, p), P_DTYPE), mask=mask)
+    tl.store(p_ptr + offs, to_dtype_rne(tl.where(finite, new, p), P_DTYPE), mask=mask)
     if EIGHT_BIT:
         n1 = tl.max(tl.abs(s1), axis=1)
         n2 = tl.max(tl.abs(s2), axis=1)

@@ -1,10 +1,12 @@
 """Public 4-bit quantize/dequantize: argument checks, then the backend for the tensor's device.
 
-The torch reference serves every device until the Triton kernels land beneath these entry points;
-QTUNE_BACKEND=torch will then force the reference for debugging.
+CUDA tensors go to the Triton kernels where one exists (dequantize so far), everything else to the
+torch reference; QTUNE_BACKEND=torch forces the reference for debugging.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -62,7 +64,21 @@ def check_packed_size(packed: torch.Tensor, state: QuantState, name: str = "pack
         raise ValueError(f"{name} holds {have} bytes; shape {tuple(state.shape)} needs {need}")
 
 
+def use_kernel(t: torch.Tensor) -> bool:
+    """The Triton kernels for CUDA tensors; QTUNE_BACKEND=torch forces the torch reference,
+    QTUNE_BACKEND=triton the kernels (on the CPU under TRITON_INTERPRET=1, for tests)."""
+    backend = os.environ.get("QTUNE_BACKEND", "").lower()
+    return backend == "triton" or (t.is_cuda and backend != "torch")
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode a packed 4-bit tensor to `dtype` (default: the dtype it was quantized from)."""
     check_packed_size(packed, state)
-    return reference.dequantize_4bit(packed, state, dtype or state.dtype)
+    dtype = dtype or state.dtype
+    if dtype in FLOAT_DTYPES and use_kernel(packed):
+        from ..kernels import dequant
+
+        n = state.nested
+        return dequant.dequantize_4bit(packed, state.absmax, state.code, state.shape, state.blocksize, dtype,
+                                       None if n is None else (n.absmax, n.code, n.offset))
+    return reference.dequantize_4bit(packed, state, dtype)

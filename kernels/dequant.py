@@ -1,0 +1,53 @@
+"""Dequantize a packed 4-bit tensor (NF4/FP4, optional double-quantized absmax decoded in the same
+pass) to float32/float16/bfloat16, and its launcher. Imports torch and triton only."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rounding import to_dtype_rne
+
+BYTES_PER_PROGRAM = 1024  # 2048 values
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, n,
+                     nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT: tl.constexpr, BYTES: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    byte = tl.load(packed_ptr + b, mask=b < n_bytes, other=0).to(tl.int32)
+    block = (2 * b) // BLOCKSIZE  # both values of a byte share a block (blocksizes are even)
+    if NESTED:  # code[q] * nested_absmax + offset, as the reference decodes it
+        q = tl.load(absmax_ptr + block, mask=b < n_bytes, other=0).to(tl.int32)
+        am = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // 256, mask=b < n_bytes, other=0.0)
+        am = am + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + block, mask=b < n_bytes, other=0.0)
+    hi = tl.load(code_ptr + (byte >> 4)) * am
+    lo = tl.load(code_ptr + (byte & 15)) * am
+    vals = tl.join(hi, lo).reshape(2 * BYTES)  # element 2i from the high nibble, 2i + 1 from the low
+    e = tl.program_id(0).to(tl.int64) * 2 * BYTES + tl.arange(0, 2 * BYTES)
+    tl.store(out_ptr + e, to_dtype_rne(vals, OUT), mask=e < n)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: torch.Size,
+                    blocksize: int, dtype: torch.dtype, nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """code[q] * absmax per element, cast to dtype, in `shape`. `packed` is any dtype viewed as
+    bytes; `absmax` is float32, or uint8 codes decoded with nested = (nested_absmax, nested_code
+    (256), offset (0-d tensor)). No host synchronisation."""
+    n = 1
+    for s in shape:
+        n *= s
+    flat = packed.view(torch.uint8).reshape(-1)
+    out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
+    n_bytes = (n + 1) // 2
+    grid = (triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)
+    na, nc, off = nested if nested is not None else (absmax, code, absmax)
+    _dequant4_kernel[grid](flat, absmax, code, out, n_bytes, n, na, nc, off, BLOCKSIZE=blocksize,
+                           NESTED=nested is not None, OUT=_TL[dtype], BYTES=BYTES_PER_PROGRAM,
+                           enable_fp_fusion=False)
+    return out
