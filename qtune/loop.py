@@ -12,6 +12,7 @@ import torch
 
 from . import run_state
 from .data import build_datasets, collate, pack
+from .distributed import Group
 from .metrics import MetricsLogger
 from .model import load_model
 
@@ -111,7 +112,11 @@ def train(cfg, resolved: dict) -> dict:
     for name in ("micro_batch", "grad_accum", "seq_len", "log_every", "save_every", "eval_every", "keep_last"):
         if getattr(t, name) < 1:
             raise RunError(f"train.{name}={getattr(t, name)} must be at least 1")
-    device = pick_device(t.device)
+    if t.strategy != "ddp":
+        raise RunError(f"train.strategy={t.strategy!r} is not supported yet; allowed: ddp (FSDP-sharded 4-bit "
+                       f"base weights are not implemented)")
+    group = Group()
+    device = group.device(pick_device(t.device))
     out = t.output_dir
     os.makedirs(out, exist_ok=True)
     resume_from = run_state.resolve_resume(t.resume, out)
@@ -129,10 +134,11 @@ def train(cfg, resolved: dict) -> dict:
     batches = Batches(train_items, t.micro_batch, t.seed, tokenizer.pad_token_id, mask_dtype)
     total = t.max_steps
     if t.epochs:
-        total = max(1, math.ceil(t.epochs * batches.per_epoch / t.grad_accum))
+        total = max(1, math.ceil(t.epochs * batches.per_epoch / (t.grad_accum * group.world)))
 
     torch.manual_seed(t.seed + 1)  # dropout's stream, the same whatever loading consumed
     params = [p for p in model.parameters() if p.requires_grad]
+    group.broadcast_params(params)
     optimizer = make_optimizer(cfg, params)
     scheduler = make_schedule(cfg, optimizer, total)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16" and device.type == "cuda")
@@ -142,12 +148,15 @@ def train(cfg, resolved: dict) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        step, position = saved["step"], saved["position"]
+        # the data position is kept as micro-batches consumed by all ranks together; another world
+        # size continues from the same global point (rounded down to a multiple of the new world)
+        step, position = saved["step"], saved["position"] * saved.get("world", 1) // group.world
         run_state.set_rng_state(saved["rng"])
         print(f"resumed from {resume_from} at step {step}", flush=True)
 
     logger = MetricsLogger(out, cfg.logger.kind, resolved, cfg.logger.project, cfg.logger.name,
-                           list(cfg.logger.tags), resume_step=step)
+                           list(cfg.logger.tags), resume_step=step) if group.main else None
+    log = logger.log if logger else (lambda record: None)
     stop = {"signal": None}
 
     def on_signal(signum, frame):
@@ -155,34 +164,40 @@ def train(cfg, resolved: dict) -> dict:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     trainable = sum(p.numel() for p in params)
-    print(f"training {trainable:,} LoRA parameters for {total} steps on {device} "
-          f"({len(train_items)} train / {len(eval_items)} eval items); output in {out}", flush=True)
+    if group.main:
+        print(f"training {trainable:,} LoRA parameters for {total} steps on {device} x {group.world} "
+              f"({len(train_items)} train / {len(eval_items)} eval items); output in {out}", flush=True)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=not group.main)
     model.train()
     first_loss, last_loss, bad_steps, window = None, None, 0, []
     t_start, tokens_seen = time.perf_counter(), 0
 
-    def checkpoint() -> str:
-        return run_state.save(out, step, model, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "position": position}, t.keep_last)
+    def checkpoint() -> str | None:
+        path = None
+        if group.main:  # replicas are identical: rank 0 writes for all
+            path = run_state.save(out, step, model, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "position": position, "world": group.world}, t.keep_last)
+        group.barrier()
+        return path
 
     try:
         while step < total:
             loss_sum, n_tok = 0.0, 0
             for _ in range(t.grad_accum):
-                batch = _to(batches.get(position), device, None)
+                batch = _to(batches.get(position * group.world + group.rank), device, None)
                 position += 1
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss = model(**batch).loss
                 scaler.scale(loss / t.grad_accum).backward()
                 loss_sum += float(loss.detach())
                 n_tok += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 else batch["input_ids"].numel()
-            loss_val = loss_sum / t.grad_accum
-            tokens_seen += n_tok
+            loss_val = group.mean(loss_sum / t.grad_accum)
+            tokens_seen += n_tok * group.world
+            group.average_grads(params)
             if not math.isfinite(loss_val):
                 bad_steps += 1
                 note = "fp16: step skipped, loss scale lowered" if scaler.is_enabled() else "update skipped"
@@ -219,13 +234,13 @@ def train(cfg, resolved: dict) -> dict:
                     rec["grad_norm"] = grad_norm
                 if device.type == "cuda":
                     rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                logger.log(rec)
+                log(rec)
                 bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 **({"mem": f"{rec['gpu_mem_gib']:.1f}G"} if "gpu_mem_gib" in rec else {}))
             if eval_items and (step % t.eval_every == 0 or step == total):
                 ev = evaluate(model, eval_items, t.micro_batch, tokenizer.pad_token_id, device, autocast_dtype,
                               mask_dtype)
-                logger.log({"step": step, "eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))})
+                log({"step": step, "eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))})
             if step % t.save_every == 0 and step < total:
                 checkpoint()
             if t.simulate_sigterm_at is not None and step == t.simulate_sigterm_at:
@@ -233,19 +248,29 @@ def train(cfg, resolved: dict) -> dict:
             if stop["signal"] is not None:
                 path = checkpoint()
                 bar.close()
-                print(f"interrupted at step {step}: checkpoint {path}; continue with train.resume=auto", flush=True)
+                if group.main:
+                    print(f"interrupted at step {step}: checkpoint {path}; continue with train.resume=auto", flush=True)
                 raise SystemExit(128 + stop["signal"])
         bar.close()
-        adapter = save_final(model, out, resolved)
+        if group.world > 1:  # replicas must agree: a cheap check that the all-reduce kept them so
+            sums = group.gather(float(sum(p.detach().double().sum() for p in params)))
+            log({"step": step, "rank_param_sums": sums})
+            if len(set(sums)) != 1:
+                raise RunError(f"ranks disagree on the LoRA weights after step {step}: {sums}")
+        adapter = save_final(model, out, resolved) if group.main else None
+        group.barrier()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        logger.close()
+        if logger:
+            logger.close()
+        group.close()
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "adapter": adapter,
                "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9)}
     if device.type == "cuda":
         summary["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    print(f"done: {step} steps, loss {first_loss:.4f} -> {last_loss:.4f}; adapter in {adapter}", flush=True)
+    if group.main:
+        print(f"done: {step} steps, loss {first_loss:.4f} -> {last_loss:.4f}; adapter in {adapter}", flush=True)
     return summary
 
 
