@@ -41,3 +41,17 @@ def tiny_dir(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+def lora_losses(peft_model, x: torch.Tensor, steps: int = 12, lr: float = 1e-2) -> list[float]:
+    """Train a peft model's trainable parameters on input_ids=labels=x with AdamW; the losses."""
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    peft_model.train()
+    losses = []
+    for _ in range(steps):
+        loss = peft_model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -84,12 +84,10 @@ class QuantConfig(QuantizationConfigMixin):
     def _set(self, o: dict[str, Any]) -> None:
         if o["load_in_4bit"] and o["load_in_8bit"]:
             raise ValueError("load_in_4bit and load_in_8bit are exclusive; set one of them")
-        if o["load_in_8bit"]:
-            raise ValueError("load_in_8bit=True is not yet supported by qtune; use load_in_4bit=True")
-        if not o["load_in_4bit"]:
-            raise ValueError("QuantConfig needs load_in_4bit=True (the default)")
+        if not (o["load_in_4bit"] or o["load_in_8bit"]):
+            raise ValueError("QuantConfig needs load_in_4bit=True (the default) or load_in_8bit=True")
         check_quant_args(o["quant_type"], o["blocksize"])
-        self.load_in_4bit, self.load_in_8bit = True, False
+        self.load_in_4bit, self.load_in_8bit = bool(o["load_in_4bit"]), bool(o["load_in_8bit"])
         self.quant_type, self.blocksize, self.double_quant = o["quant_type"], o["blocksize"], bool(o["double_quant"])
         self.compute_dtype = None if o["compute_dtype"] is None else parse_dtype(
             o["compute_dtype"], "compute_dtype", (torch.float32, torch.float16, torch.bfloat16))
@@ -114,7 +112,8 @@ class QuantConfig(QuantizationConfigMixin):
         a bitsandbytes config."""
         return {
             "quant_method": QUANT_METHOD,
-            "bits": 4,
+            "bits": 8 if self.load_in_8bit else 4,
+            "llm_int8_threshold": self.llm_int8_threshold,
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
             "double_quant": self.double_quant,
@@ -132,10 +131,10 @@ class QuantConfig(QuantizationConfigMixin):
         transformers + bitsandbytes load."""
         return {
             "quant_method": "bitsandbytes",
-            "load_in_4bit": True,
-            "load_in_8bit": False,
-            "_load_in_4bit": True,
-            "_load_in_8bit": False,
+            "load_in_4bit": self.load_in_4bit,
+            "load_in_8bit": self.load_in_8bit,
+            "_load_in_4bit": self.load_in_4bit,
+            "_load_in_8bit": self.load_in_8bit,
             "bnb_4bit_quant_type": self.quant_type,
             "bnb_4bit_use_double_quant": self.double_quant,
             "bnb_4bit_compute_dtype": dtype_name(self.compute_dtype or torch.float32),

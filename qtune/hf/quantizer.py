@@ -14,6 +14,9 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from ..nn.linear4bit import Linear4bit
+from ..nn.linear8bit import Linear8bit
+
+QUANTIZED = (Linear4bit, Linear8bit)
 from .config import QUANT_METHOD, QuantConfig
 
 try:  # transformers' own skip-list matching, so skip lists mean what they mean for bitsandbytes
@@ -30,17 +33,22 @@ SERIALIZED_KEYS = [
 
 
 def replace_linears(model: nn.Module, config: QuantConfig, skip: list[str]) -> list[str]:
-    """Swap every nn.Linear whose name `skip` does not match for an unquantized Linear4bit shell
+    """Swap every nn.Linear whose name `skip` does not match for an unquantized Linear4bit (or, with
+    load_in_8bit, Linear8bit) shell
     (same device and dtype, usually meta); returns the names swapped."""
     swapped = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or not should_convert_module(name, skip):
             continue
         w = module.weight
-        shell = Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                           quant_type=config.quant_type, blocksize=config.blocksize, double_quant=config.double_quant,
-                           compute_dtype=config.compute_dtype, quant_storage=config.quant_storage,
-                           device=w.device, dtype=w.dtype)
+        if config.load_in_8bit:
+            shell = Linear8bit(module.in_features, module.out_features, bias=module.bias is not None,
+                               threshold=config.llm_int8_threshold, device=w.device, dtype=w.dtype)
+        else:
+            shell = Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                               quant_type=config.quant_type, blocksize=config.blocksize,
+                               double_quant=config.double_quant, compute_dtype=config.compute_dtype,
+                               quant_storage=config.quant_storage, device=w.device, dtype=w.dtype)
         shell.requires_grad_(False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, shell)
@@ -63,6 +71,9 @@ class QtuneQuantize(ConversionOps):
             module.quantize_(value, param_name)
             module._is_hf_initialized = True
             result[param_name] = module.weight
+            if isinstance(module, Linear8bit):  # its buffers are made here too: not "missing" from the checkpoint
+                prefix = param_name.removesuffix("weight")
+                result[prefix + "SCB"], result[prefix + "weight_format"] = module.SCB, module.weight_format
         return result
 
 
@@ -111,14 +122,16 @@ class QtuneHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, name = get_module_from_name(model, param_name)
-        return isinstance(module, Linear4bit) and name == "weight"
+        return isinstance(module, QUANTIZED) and name == "weight"
 
     @property
     def quantized_element_size(self) -> float:
-        return 0.5
+        return 1.0 if self.quantization_config.load_in_8bit else 0.5
 
     def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
-        return 0.5 if self.param_needs_quantization(model, param_name) else param.element_size()
+        if self.param_needs_quantization(model, param_name):
+            return self.quantized_element_size
+        return param.element_size()
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         cfg = self.quantization_config
@@ -137,16 +150,19 @@ class QtuneHfQuantizer(HfQuantizer):
         return QtuneQuantize(self)
 
     def get_weight_conversions(self):
-        if not self.pre_quantized:
+        if not self.pre_quantized or self.quantization_config.load_in_8bit:  # 8-bit: weight and SCB load as is
             return []
         return [WeightConverter(source_patterns=list(SERIALIZED_KEYS), target_patterns="weight",
                                 operations=[QtuneDeserialize(self)])]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, module in model.named_modules():  # any weight that bypassed the quantize op
-            if isinstance(module, Linear4bit) and not module.is_quantized and module.weight.device.type != "meta":
+            if isinstance(module, QUANTIZED) and not module.is_quantized and module.weight.device.type != "meta":
                 module.quantize_(name=f"{name}.weight")
-        model.is_loaded_in_4bit = True  # what peft and Trainer look for on a 4-bit model
+        if self.quantization_config.load_in_8bit:  # what peft and Trainer look for
+            model.is_loaded_in_8bit = True
+        else:
+            model.is_loaded_in_4bit = True
         devices = {p.device for p in model.parameters()}
         if not hasattr(model, "hf_device_map") and len(devices) == 1:  # transformers sets it for multi-device maps
             (device,) = devices
@@ -163,7 +179,7 @@ class QtuneHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         for name, module in list(model.named_modules()):
-            if isinstance(module, Linear4bit):
+            if isinstance(module, QUANTIZED):
                 lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                 device=module.weight.device, dtype=dtype or module.weight_dtype)
                 with torch.no_grad():

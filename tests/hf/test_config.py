@@ -33,7 +33,7 @@ def test_round_trip_through_dict_has_no_bitsandbytes_marker():
     (dict(quant_type="nf5"), "quant_type 'nf5' is not supported; allowed: nf4, fp4"),
     (dict(bnb_4bit_quant_type="int4"), "quant_type 'int4' is not supported"),
     (dict(load_in_4bit=True, load_in_8bit=True), "load_in_4bit and load_in_8bit are exclusive"),
-    (dict(load_in_8bit=True), "load_in_8bit=True is not yet supported"),
+    (dict(load_in_4bit=False), "needs load_in_4bit=True (the default) or load_in_8bit=True"),
     (dict(blocksize=100), "blocksize 100 is not allowed"),
     (dict(compute_dtype="int8"), "compute_dtype 'int8' is not supported; allowed: float32, float16, bfloat16"),
     (dict(quant_type="nf4", bnb_4bit_quant_type="fp4"), "quant_type='nf4' and bnb_4bit_quant_type='fp4'"),

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import lora_losses, rel_err
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,16 +88,8 @@ def test_lora_train_and_generate_on_cuda(bf16_dir):
     model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.bfloat16,
                                                  quantization_config=QuantConfig(**BNB_ARGS), device_map={"": 0})
     peft_model = get_peft_model(qtune.prepare_for_training(model), LoraConfig(r=8, target_modules="all-linear"))
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     x = torch.tensor([[1] + [4 + (7 * i + j) % 90 for i in range(64)] for j in range(4)], device="cuda")
-    peft_model.train()
-    losses = []
-    for _ in range(10):
-        loss = peft_model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lora_losses(peft_model, x, steps=10)
     assert losses[-1] < 0.9 * losses[0], losses
     peft_model.eval()
     out = peft_model.generate(input_ids=x[:1, :8], max_new_tokens=6, do_sample=False)
