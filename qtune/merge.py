@@ -83,7 +83,9 @@ def merge_checkpoint(adapter: str, out: str, base: str | None = None, dtype: str
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .hf import QuantConfig
+    from .hf.config import parse_dtype
     from .quant import dequantize_4bit, quantize_4bit
+    from .quant.codes import FLOAT_DTYPES
 
     if dtype not in DTYPES:
         raise MergeError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
@@ -109,6 +111,7 @@ def merge_checkpoint(adapter: str, out: str, base: str | None = None, dtype: str
         torch.cuda.reset_peak_memory_stats(dev)
     out_dtype = DTYPES[dtype]
     q = _quant_settings(adapter) if merge_onto == "dequantized" else None
+    trained_dtype = parse_dtype(q["dtype"], "model.dtype", FLOAT_DTYPES) if q else None  # what was quantized
     scale = acfg["lora_alpha"] / (acfg["r"] ** 0.5 if acfg.get("use_rslora") else acfg["r"])
     lora = {}  # module name -> {"A": ..., "B": ...}
     saved = {}  # modules_to_save: full weights
@@ -155,7 +158,7 @@ def merge_checkpoint(adapter: str, out: str, base: str | None = None, dtype: str
                              f"{tuple(w.shape)}: the adapter belongs to another model")
         w = w.to(dev)
         if q is not None:  # what the adapter saw: the base weight through NF4
-            packed, state = quantize_4bit(w.to(DTYPES_BY_NAME[q["dtype"]]), q["blocksize"], q["quant_type"],
+            packed, state = quantize_4bit(w.to(trained_dtype), q["blocksize"], q["quant_type"],
                                           q["double_quant"], name=key)
             w = dequantize_4bit(packed, state, torch.float32)
         return w.float() + scale * (b @ a)
@@ -202,9 +205,6 @@ def merge_checkpoint(adapter: str, out: str, base: str | None = None, dtype: str
     if dev.type == "cuda":
         report["peak_gpu_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return report
-
-
-DTYPES_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,15 +8,6 @@ import tempfile
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: str, what: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"{what} {name!r} is not supported; allowed: {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def ensure_built(cfg) -> None:
     """For model.build (e.g. "tiny-llama"), create the model directory once, atomically."""
     if cfg.build is None or os.path.isfile(os.path.join(cfg.name, "config.json")):
@@ -44,9 +35,11 @@ def load_model(cfg, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hf import QuantConfig, prepare_for_training
+    from .hf.config import parse_dtype
+    from .quant.codes import FLOAT_DTYPES
 
     ensure_built(cfg.model)
-    dtype = parse_dtype(cfg.model.dtype, "model.dtype")
+    dtype = parse_dtype(cfg.model.dtype, "model.dtype", FLOAT_DTYPES)
     kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, dtype=dtype,
                   device_map={"": device})
     if cfg.model.attn_implementation:
