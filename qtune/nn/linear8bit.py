@@ -4,7 +4,9 @@ LoRA, in bitsandbytes' state-dict layout (`weight` int8, `SCB` float32, `weight_
 Forward (torch reference; the CPU path): activation columns holding a value of magnitude at least
 `threshold` go through a high-precision matmul with the dequantized weight columns; the rest are
 quantized row-wise to int8 and multiplied in exact integer arithmetic, then rescaled by the row and
-column absmax. threshold=0 quantizes every column.
+column absmax, and the bias added, before one rounding to the input's dtype. threshold=0 quantizes
+every column. CUDA tensors (or QTUNE_BACKEND=triton) take the Triton kernels of qtune.kernels.int8,
+which round exactly as this reference does.
 """
 
 from __future__ import annotations
@@ -12,43 +14,91 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..quant.functional import use_kernel
+
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 round(x * 127 / rowmax), float32 rowmax) of a 2-D tensor; zero rows stay zero."""
     stats = x.abs().amax(dim=1).float()
-    scale = torch.where(stats > 0, 127.0 / stats, torch.zeros_like(stats))
+    # spelled as torch evaluates `127.0 / stats` (Tensor.__rtruediv__): a reciprocal, then a product
+    scale = torch.where(stats > 0, stats.reciprocal() * 127.0, torch.zeros_like(stats))
     return torch.round(x.float() * scale[:, None]).to(torch.int8), stats
 
 
-def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float) -> torch.Tensor:
-    """x @ W^T in float32 for int8 weight rows `cb` with absmax `scb`, LLM.int8 decomposition."""
+def outlier_product(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor | None:
+    """x2[:, outliers] @ W[:, outliers]^T in float32 with the weight columns dequantized, or None
+    when no column is an outlier. One host synchronisation (the nonzero that sizes the gather)."""
+    cols = outliers.nonzero().squeeze(1)
+    if cols.numel() == 0:
+        return None
+    w_cols = cb[:, cols].float() * (scb[:, None] / 127.0)
+    return x2[:, cols].float() @ w_cols.T
+
+
+def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) in float32 for int8 weight rows `cb` with absmax `scb`, LLM.int8
+    decomposition (the torch reference of the kernels in qtune.kernels.int8, rounding as they do)."""
     x2 = x.reshape(-1, x.shape[-1]).float()
-    w_cols = None
+    extra = None
     if threshold > 0:
         outliers = (x2.abs() >= threshold).any(dim=0)
-        if bool(outliers.any()):
-            w_cols = cb[:, outliers].float() * (scb[:, None] / 127.0)
-            x_out = x2[:, outliers]
+        extra = outlier_product(x2, cb, scb, outliers)
+        if extra is not None:
             x2 = x2.masked_fill(outliers[None, :], 0.0)
     ca, sca = quantize_rowwise(x2)
     acc = ca.double() @ cb.double().T  # exact integer products (int32 range), as an int8 GEMM gives
     y = acc.float() * (sca[:, None] * scb[None, :] / (127.0 * 127.0))
-    if w_cols is not None:
-        y = y + x_out @ w_cols.T
+    if extra is not None:
+        y = y + extra
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], cb.shape[0])
+
+
+def int8_linear_kernel(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """int8_linear through the Triton kernels, in x's dtype: outlier columns found on the device,
+    their product in torch as in the reference, quantization and the int8 GEMM with its fused
+    epilogue in Triton. Host synchronisation only for the outlier gather (threshold > 0)."""
+    from ..kernels import int8 as k
+
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    mask = extra = None
+    if threshold > 0:
+        mask = k.outlier_columns(x2, threshold)
+        extra = outlier_product(x2, cb, scb, mask.bool())
+        if extra is None:
+            mask = None
+    codes, absmax = k.quantize_rows(x2, mask)
+    y = k.int8_matmul(codes, absmax, cb.contiguous(), scb, x.dtype, bias, extra)
     return y.reshape(*x.shape[:-1], cb.shape[0])
 
 
 class _Matmul8bit(torch.autograd.Function):
+    """Y = X @ deq(W)^T + b through the LLM.int8 decomposition; the weight is frozen, so backward
+    gives dX = dY @ deq(W) (and the bias gradient)."""
+
     @staticmethod
-    def forward(ctx, x, cb, scb, threshold):
+    def forward(ctx, x, cb, scb, bias, threshold):
         ctx.save_for_backward(cb, scb)
-        return int8_linear(x, cb, scb, threshold).to(x.dtype)
+        ctx.has_bias = bias is not None
+        if use_kernel(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return int8_linear_kernel(x, cb, scb, threshold, bias)
+        return int8_linear(x, cb, scb, threshold, bias).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         cb, scb = ctx.saved_tensors
-        w = cb.float() * (scb[:, None] / 127.0)
-        return (grad_out.float() @ w).to(grad_out.dtype), None, None, None
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = cb.float() * (scb[:, None] / 127.0)
+            grad_x = (grad_out.float() @ w).to(grad_out.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias, None
 
 
 class Linear8bit(nn.Linear):
@@ -100,8 +150,7 @@ class Linear8bit(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_quantized:
             raise RuntimeError("this Linear8bit holds no quantized weight yet: call quantize_() or load a state dict")
-        y = _Matmul8bit.apply(x, self.weight, self.SCB, self.threshold)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return _Matmul8bit.apply(x, self.weight, self.SCB, self.bias, self.threshold)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
