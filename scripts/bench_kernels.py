@@ -1,61 +1,175 @@
-"""4-bit kernels against bitsandbytes and plain bf16, in one process on one GPU.
+"""4-bit (and 8-bit) kernels against bitsandbytes and plain bf16, in one process on one GPU.
 
-    python scripts/bench_kernels.py
+    python scripts/bench_kernels.py            # the table; JSON to $OUT/bench_kernels.json
+    python scripts/bench_kernels.py --sweep    # launch configs of the fused kernels per M
 
-Dequantize (13824x5120 and 4096x4096, NF4 + double quant, to bf16): qtune's Triton kernel, the torch
-reference, bitsandbytes' dequantize_4bit; GB/s counts packed bytes read + bf16 written. Forward
-Y = X @ W^T at M = 1, 16, 256, 4096 (K=5120, N=13824, bf16): qtune Linear4bit (dequantize + cuBLAS),
-bitsandbytes Linear4bit, bf16 nn.Linear. Median of CUDA-event timings (triton.testing.do_bench).
+Copy bandwidth (a device-to-device copy); quantize and dequantize (NF4 + double quant, bf16;
+GB/s counts packed bytes + bf16 bytes); forward Y = X @ W^T at M = 1, 16, 64, 256, 4096, 16384
+(K=5120, N=13824, bf16) for qtune's Linear4bit (its dispatch), the fused kernel and
+dequantize + cuBLAS alone, bitsandbytes' Linear4bit and bf16 nn.Linear; forward + input gradient
+at M = 4096; the int8 forward (scripts/bench_int8.py). Medians of CUDA-event timings
+(triton.testing.do_bench).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 
 import torch
 from triton.testing import do_bench
 
+from qtune.kernels import matmul4bit as mm
 from qtune.nn import Linear4bit
 from qtune.quant import quantize_4bit
 from qtune.quant.functional import dequantize_4bit
 from qtune.quant.reference import dequantize_4bit as reference_dequant
 
+N, K = 13824, 5120
 
-def main() -> None:
-    import bitsandbytes as bnb
+
+def bench(fn) -> float:
+    """Median milliseconds."""
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a))
+    return 2 * a.numel() / t / 1e6  # GB/s
+
+
+def bench_formats(rows: list, bw: float) -> None:
     import bitsandbytes.functional as F
 
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bitsandbytes {bnb.__version__}")
-    rows = []
-    for shape in ((13824, 5120), (4096, 4096)):
+    for shape in ((13824, 5120), (28672, 8192), (4096, 4096)):
         w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         packed, state = quantize_4bit(w, 64, "nf4", True)
         pb, sb = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        nbytes = packed.numel() + w.numel() * 2
-        t_q = do_bench(lambda: dequantize_4bit(packed, state, torch.bfloat16), return_mode="median")
-        t_r = do_bench(lambda: reference_dequant(packed, state, torch.bfloat16), return_mode="median")
-        t_b = do_bench(lambda: F.dequantize_4bit(pb, sb), return_mode="median")
+        nbytes = packed.numel() + state.absmax.numel() + w.numel() * 2
+        t_q = bench(lambda: dequantize_4bit(packed, state, torch.bfloat16))
+        t_r = bench(lambda: reference_dequant(packed, state, torch.bfloat16))
+        t_b = bench(lambda: F.dequantize_4bit(pb, sb))
         assert torch.equal(dequantize_4bit(packed, state, torch.bfloat16), reference_dequant(packed, state, torch.bfloat16))
-        rows.append({"op": "dequantize", "shape": shape, "qtune_ms": t_q, "reference_ms": t_r, "bnb_ms": t_b})
-        print(f"dequantize {shape}: qtune {t_q * 1e3:.0f} us ({nbytes / t_q / 1e6:.0f} GB/s), torch reference "
-              f"{t_r * 1e3:.0f} us, bitsandbytes {t_b * 1e3:.0f} us -> {t_b / t_q:.2f}x bitsandbytes")
-    lin = torch.nn.Linear(5120, 13824, bias=False, device="cuda", dtype=torch.bfloat16)
+        rows.append({"op": "dequantize", "shape": shape, "qtune_ms": t_q, "reference_ms": t_r, "bnb_ms": t_b,
+                     "qtune_gbs": nbytes / t_q / 1e6})
+        print(f"dequantize {shape}: qtune {t_q * 1e3:.1f} us ({nbytes / t_q / 1e6:.0f} GB/s, "
+              f"{nbytes / t_q / 1e6 / bw:.0%} of copy), torch reference {t_r * 1e3:.0f} us, bitsandbytes "
+              f"{t_b * 1e3:.1f} us -> {t_b / t_q:.2f}x bitsandbytes")
+        t_q = bench(lambda: quantize_4bit(w, 64, "nf4", True))
+        t_b = bench(lambda: F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+        rows.append({"op": "quantize", "shape": shape, "qtune_ms": t_q, "bnb_ms": t_b})
+        print(f"quantize   {shape}: qtune {t_q * 1e3:.1f} us, bitsandbytes {t_b * 1e3:.1f} us "
+              f"-> {t_b / t_q:.2f}x bitsandbytes")
+
+
+def layers():
+    import bitsandbytes as bnb
+
+    lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
     q = Linear4bit.from_linear(lin, double_quant=True)
-    b = bnb.nn.Linear4bit(5120, 13824, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                          compress_statistics=True)
+    b = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
     b.load_state_dict(lin.state_dict())
-    b = b.cuda()
-    for m in (1, 16, 256, 4096):
-        x = torch.randn(m, 5120, device="cuda", dtype=torch.bfloat16)
+    return lin, q, b.cuda()
+
+
+def bench_matmul(rows: list) -> None:
+    lin, q, b = layers()
+    s = q.quant_state
+    for m in (1, 16, 64, 256, 4096, 16384):
+        x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            t_q = do_bench(lambda: q(x), return_mode="median")
-            t_b = do_bench(lambda: b(x), return_mode="median")
-            t_f = do_bench(lambda: lin(x), return_mode="median")
-        rows.append({"op": "forward", "M": m, "qtune_ms": t_q, "bnb_ms": t_b, "bf16_ms": t_f})
-        print(f"forward M={m:5}: qtune {t_q * 1e3:7.0f} us, bitsandbytes {t_b * 1e3:7.0f} us, bf16 {t_f * 1e3:7.0f} us "
-              f"-> {t_b / t_q:.2f}x bitsandbytes, {t_q / t_f:.2f}x bf16 time")
-    with open(os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"), "w") as f:
+            t_q = bench(lambda: q(x))
+            t_k = bench(lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors))
+            t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
+            t_b = bench(lambda: b(x))
+            t_f = bench(lambda: lin(x))
+        rows.append({"op": "forward", "M": m, "qtune_ms": t_q, "fused_ms": t_k, "dequant_cublas_ms": t_d,
+                     "bnb_ms": t_b, "bf16_ms": t_f})
+        print(f"forward M={m:5}: qtune {t_q * 1e3:7.1f} us (fused {t_k * 1e3:7.1f}, dequantize+cuBLAS "
+              f"{t_d * 1e3:7.1f}), bitsandbytes {t_b * 1e3:7.1f} us, bf16 {t_f * 1e3:7.1f} us "
+              f"-> {t_b / t_q:.2f}x bitsandbytes, {t_f / t_q:.2f}x bf16")
+    for m in (1, 16, 4096):  # forward + input gradient
+        x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(m, N, device="cuda", dtype=torch.bfloat16)
+        times = {}
+        for name, layer in (("qtune", q), ("bnb", b), ("bf16", lin)):
+            lin.weight.requires_grad_(False)
+            times[name] = bench(lambda: torch.autograd.grad(layer(x), x, dy))
+        rows.append({"op": "forward+dX", "M": m, **{f"{k}_ms": v for k, v in times.items()}})
+        print(f"fwd+dX  M={m:5}: qtune {times['qtune'] * 1e3:7.1f} us, bitsandbytes {times['bnb'] * 1e3:7.1f} us, "
+              f"bf16 {times['bf16'] * 1e3:7.1f} us -> {times['bnb'] / times['qtune']:.2f}x bitsandbytes, "
+              f"{times['bf16'] / times['qtune']:.2f}x bf16")
+
+
+def _candidates(m: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) to try at m rows."""
+    if m <= 16:
+        return [(16, bn, 4, st) for bn in (16, 32, 64, 128) for st in (3, 4, 6)]
+    bms = {32: (32,), 64: (64,), 128: (64, 128)}.get(m, (128, 256))
+    return [(bm, bn, w, st) for bm in bms for bn in (32, 64, 128) for w in (4, 8) for st in (3, 4)
+            if bm * bn <= 256 * 128 and not (bm >= 128 and bn < 64)]
+
+
+def sweep(rows: list) -> None:
+    """Launch configs of the fused kernels against dequantize + cuBLAS, per M."""
+    _, q, _ = layers()
+    s = q.quant_state
+    for m in (1, 16, 32, 64, 128, 256, 512):
+        x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(m, N, device="cuda", dtype=torch.bfloat16)
+        t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
+        t_db = bench(lambda: dy @ dequantize_4bit(q.weight, s, torch.bfloat16))
+        best = {}
+        for cfg in _candidates(m):
+            kinds = [("fwd", lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg))]
+            if m <= 64 and cfg[1] <= 64:
+                kinds.append(("bwd", lambda: mm.backward(dy, q.weight, s.absmax, s.code, K, 64, s.nested_tensors,
+                                                         config=cfg)))
+            for kind, fn in kinds:
+                try:
+                    t = do_bench(fn, warmup=10, rep=40, return_mode="median")
+                except Exception as e:  # out of shared memory / registers
+                    print(f"  {kind} M={m} {cfg}: {type(e).__name__}", file=sys.stderr)
+                    continue
+                if t < best.get(kind, (1e9,))[0]:
+                    best[kind] = (t, cfg)
+        rows.append({"op": "sweep", "M": m, "dequant_cublas_ms": t_d, "dequant_cublas_bwd_ms": t_db,
+                     **{f"best_{k}": v for k, v in best.items()}})
+        print(f"M={m:4}: fwd best {best['fwd'][0] * 1e3:6.1f} us {best['fwd'][1]} vs dequantize+cuBLAS "
+              f"{t_d * 1e3:6.1f} us" + (f"; bwd best {best['bwd'][0] * 1e3:6.1f} us {best['bwd'][1]} vs "
+                                        f"{t_db * 1e3:6.1f} us" if "bwd" in best else ""), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="search the fused kernels' launch configs per M")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 forward")
+    args = ap.parse_args()
+    import bitsandbytes as bnb
+    import triton
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"bitsandbytes {bnb.__version__}")
+    rows: list = []
+    if args.sweep:
+        sweep(rows)
+    else:
+        bw = copy_bandwidth()
+        rows.append({"op": "copy", "gbs": bw})
+        print(f"device copy: {bw:.0f} GB/s")
+        bench_formats(rows, bw)
+        bench_matmul(rows)
+        if not args.no_int8 and os.path.exists(os.path.join(os.path.dirname(__file__), "bench_int8.py")):
+            sys.path.insert(0, os.path.dirname(__file__))
+            from bench_int8 import bench_int8
+
+            bench_int8(rows)
+    name = "bench_kernels_sweep.json" if args.sweep else "bench_kernels.json"
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(rows, f, indent=1)
 
 

@@ -6,21 +6,40 @@ import torch
 from torch import nn
 
 from ..quant.codes import FLOAT_DTYPES
-from ..quant.functional import check_packed_size, check_quant_args, dequantize_4bit, quantize_4bit
+from ..quant.functional import check_packed_size, check_quant_args, dequantize_4bit, quantize_4bit, use_kernel
 from ..quant.state import QuantState, dtype_name
 
 COMPUTE_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradient checks
 
 
+def _fused(t: torch.Tensor, state: QuantState, max_m: int):
+    """The fused Triton kernels' module when they take this product (CUDA or QTUNE_BACKEND=triton,
+    a float compute dtype, whole blocks per row, at most `max_m` rows), else None."""
+    if t.dtype not in FLOAT_DTYPES or not use_kernel(t) or t.numel() > max_m * t.shape[-1] or len(state.shape) != 2:
+        return None
+    from ..kernels import matmul4bit
+
+    return matmul4bit if matmul4bit.supported(state.shape[1], state.blocksize) else None
+
+
 class Matmul4bit(torch.autograd.Function):
     """Y = X @ deq(W)^T + b. The weight is frozen: backward returns dX = dY @ deq(W) (and the bias
-    gradient), dequantizing again instead of saving a full-precision weight or saving X."""
+    gradient), dequantizing again instead of saving a full-precision weight or saving X. On CUDA,
+    few rows go through the fused dequant-matmul kernels, many through dequantize + cuBLAS."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None):
         ctx.state = state
         ctx.save_for_backward(packed)
         ctx.has_bias = bias is not None
+        from ..kernels.matmul4bit import FWD_MAX_M
+
+        kernels = _fused(x, state, FWD_MAX_M)
+        if kernels is not None:
+            check_packed_size(packed, state)
+            y = kernels.forward(x.reshape(-1, x.shape[-1]).contiguous(), packed, state.absmax, state.code,
+                                state.shape[0], state.blocksize, state.nested_tensors, bias)
+            return y.view(*x.shape[:-1], state.shape[0])
         return nn.functional.linear(x, dequantize_4bit(packed, state, x.dtype), bias)
 
     @staticmethod
@@ -28,7 +47,16 @@ class Matmul4bit(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_4bit(packed, ctx.state, grad_out.dtype)
+            from ..kernels.matmul4bit import BWD_MAX_M
+
+            state = ctx.state
+            kernels = _fused(grad_out, state, BWD_MAX_M)
+            if kernels is not None:
+                dx = kernels.backward(grad_out.reshape(-1, grad_out.shape[-1]).contiguous(), packed, state.absmax,
+                                      state.code, state.shape[1], state.blocksize, state.nested_tensors)
+                grad_x = dx.view(*grad_out.shape[:-1], state.shape[1])
+            else:
+                grad_x = grad_out @ dequantize_4bit(packed, state, grad_out.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias

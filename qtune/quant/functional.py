@@ -1,7 +1,7 @@
 """Public 4-bit quantize/dequantize: argument checks, then the backend for the tensor's device.
 
-CUDA tensors go to the Triton kernels where one exists (dequantize so far), everything else to the
-torch reference; QTUNE_BACKEND=torch forces the reference for debugging.
+CUDA tensors go to the Triton kernels, everything else to the torch reference; QTUNE_BACKEND=torch
+forces the reference for debugging.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ def check_finite(A: torch.Tensor, name: str) -> None:
     """Refuse NaN/Inf: one bad value would poison its block (and, with double quantization, the
     mean offset shared by the whole tensor)."""
     if not bool(torch.isfinite(A).all()):
-        bad = int((~torch.isfinite(A)).sum())
-        raise ValueError(f"{name} has {bad} non-finite value{'s' if bad != 1 else ''} (NaN/Inf) "
-                         f"of {A.numel()}; refusing to quantize it")
+        raise _non_finite_error(int((~torch.isfinite(A)).sum()), A, name)
 
 
 def quantize_4bit(
@@ -53,8 +51,47 @@ def quantize_4bit(
                         f"{', '.join(dtype_name(t) for t in STORAGE_DTYPES)}")
     if A.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(A.shape)}); nothing to quantize")
+    if A.dtype in FLOAT_DTYPES and use_kernel(A):
+        return _quantize_4bit_kernel(A, blocksize, quant_type, double_quant, quant_storage, name)
     check_finite(A, name)
     return reference.quantize_4bit(A, blocksize, quant_type, double_quant, quant_storage)
+
+
+def _non_finite_error(bad: int, A: torch.Tensor, name: str) -> ValueError:
+    return ValueError(f"{name} has {bad} non-finite value{'s' if bad != 1 else ''} (NaN/Inf) "
+                      f"of {A.numel()}; refusing to quantize it")
+
+
+def _quantize_4bit_kernel(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool,
+                          quant_storage: torch.dtype, name: str) -> tuple[torch.Tensor, QuantState]:
+    """The Triton path of quantize_4bit: same bytes and state as the reference. Counts non-finite
+    inputs in the same pass and checks the count once at the end (one host synchronisation)."""
+    from ..kernels import quantize as kq
+    from .codes import code_table, dynamic_map, fp4_magnitude_tables, nf4_thresholds
+    from .state import NestedState
+
+    n_bytes = -(-A.numel() // 2)
+    padded = n_bytes + (-n_bytes % quant_storage.itemsize)
+    packed = torch.empty(padded, dtype=torch.uint8, device=A.device)
+    packed[n_bytes:].zero_()
+    if quant_type == "nf4":
+        thresholds, mags = nf4_thresholds(), packed  # mags unused for NF4
+    else:
+        thresholds, mags = fp4_magnitude_tables()
+        mags = mags.to(A.device)
+    absmax, bad = kq.quantize_4bit(A.contiguous(), blocksize, quant_type == "fp4", tuple(thresholds.tolist()), mags,
+                                   packed)
+    state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type,
+                       code=code_table(quant_type).to(A.device))
+    if double_quant:
+        offset = absmax.mean()
+        nested_code = dynamic_map(True).to(A.device)
+        q, absmax2 = kq.quantize_blockwise_8bit(absmax, offset, nested_code)
+        state.absmax = q
+        state.nested = NestedState(absmax=absmax2, code=nested_code, offset=offset)
+    if int(bad):
+        raise _non_finite_error(int(bad), A, name)
+    return packed.view(quant_storage).reshape(-1, 1), state
 
 
 def check_packed_size(packed: torch.Tensor, state: QuantState, name: str = "packed weight") -> None:
@@ -78,7 +115,6 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     if dtype in FLOAT_DTYPES and use_kernel(packed):
         from ..kernels import dequant
 
-        n = state.nested
         return dequant.dequantize_4bit(packed, state.absmax, state.code, state.shape, state.blocksize, dtype,
-                                       None if n is None else (n.absmax, n.code, n.offset))
+                                       state.nested_tensors)
     return reference.dequantize_4bit(packed, state, dtype)

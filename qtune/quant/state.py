@@ -56,6 +56,12 @@ class QuantState:
     def n_blocks(self) -> int:
         return -(-self.numel // self.blocksize)
 
+    @property
+    def nested_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(nested absmax, nested code, offset) as the kernels take them, or None."""
+        n = self.nested
+        return None if n is None else (n.absmax, n.code, n.offset)
+
     def to(self, device: torch.device | str) -> QuantState:
         """A copy with every tensor on `device` (dtypes never change)."""
         nested = self.nested and replace(

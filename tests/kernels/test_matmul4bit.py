@@ -1,0 +1,108 @@
+"""The fused dequant-matmul kernels (forward Y = X deq(W)^T + b, input gradient dY deq(W)) and
+Linear4bit's dispatch, against a float32 product with the reference-dequantized weight.
+
+Bounds are relative norms, 4 units of roundoff of the compute dtype (bf16 2^-6, fp16 2^-9; fp32
+1e-5): the kernels round X, the 4-bit codes and the output to that dtype once each and
+accumulate in float32."""
+
+import pytest
+import torch
+
+from qtune.kernels import matmul4bit as mm
+from qtune.nn import Linear4bit
+from qtune.quant import quantize_4bit
+from qtune.quant.reference import dequantize_4bit as reference_dequant
+
+from conftest import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BOUND = {torch.float32: 1e-5, torch.float16: 2**-9, torch.bfloat16: 2**-6}
+
+
+def _weight(N, K, quant_type="nf4", blocksize=64, double_quant=True):
+    w = torch.randn(N, K, device=DEVICE) / K**0.5
+    packed, state = quantize_4bit(w, blocksize, quant_type, double_quant)
+    return packed, state, reference_dequant(packed, state, torch.float32)
+
+
+CASES = [(1, 48, 128), (5, 80, 192), (33, 40, 256)]
+
+
+@pytest.mark.parametrize("M,N,K", CASES)
+@pytest.mark.parametrize("quant_type,blocksize,double_quant", [("nf4", 64, True), ("fp4", 32, False),
+                                                               ("nf4", 128, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernels_match_reference(M, N, K, quant_type, blocksize, double_quant, dtype):
+    if not mm.supported(K, blocksize):
+        K = 256
+    packed, state, W = _weight(N, K, quant_type, blocksize, double_quant)
+    x, dy = torch.randn(M, K, device=DEVICE).to(dtype), torch.randn(M, N, device=DEVICE).to(dtype)
+    bias = torch.randn(N, device=DEVICE).to(dtype)
+    y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+    mm.forward(x, packed, state.absmax, state.code, N, blocksize, state.nested_tensors, bias, out=y)
+    assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[dtype]
+    dx = torch.full((M, K), float("nan"), dtype=dtype, device=DEVICE)
+    mm.backward(dy, packed, state.absmax, state.code, K, blocksize, state.nested_tensors, out=dx)
+    assert rel_err(dx, dy.float() @ W) < BOUND[dtype]
+
+
+def test_nan_input_propagates():
+    packed, state, W = _weight(48, 128)
+    x = torch.randn(3, 128, device=DEVICE, dtype=torch.float16)
+    x[1, 7] = float("nan")
+    y = mm.forward(x, packed, state.absmax, state.code, 48, 64, state.nested_tensors)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_supported_shapes():
+    assert mm.supported(5120, 64) and mm.supported(4096, 256)
+    assert not mm.supported(5121, 64) and not mm.supported(8192, 4096)
+
+
+def _linear(N, K, dtype, blocksize=64, bias=True):
+    lin = torch.nn.Linear(K, N, bias=bias, device=DEVICE)
+    q = Linear4bit.from_linear(lin, blocksize=blocksize, double_quant=True, compute_dtype=dtype)
+    W = reference_dequant(q.weight, q.quant_state, torch.float32)
+    return q, W, None if lin.bias is None else lin.bias.detach().to(dtype).float()
+
+
+def _check_linear(q, W, b, M, dtype, lead=()):
+    x = torch.randn(*lead, M, W.shape[1], device=DEVICE).to(dtype).requires_grad_()
+    y = q(x)
+    want = x.detach().float() @ W.T + (0 if b is None else b)
+    assert y.shape == (*lead, M, W.shape[0]) and y.dtype == dtype
+    assert rel_err(y, want) < BOUND[dtype]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert rel_err(x.grad, dy.float() @ W) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("M", [1, 7, 40])
+@pytest.mark.parametrize("blocksize", [64, 4096])  # 4096: not fused, dequantize + matmul
+def test_linear4bit_dispatch(monkeypatch, M, blocksize):
+    monkeypatch.setenv("QTUNE_BACKEND", "triton")
+    q, W, b = _linear(48, 128 if blocksize == 64 else 4096, torch.float16, blocksize)
+    _check_linear(q, W, b, M, torch.float16, lead=(2,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", [(4096, 4096), (13824, 5120), (28672, 8192)])
+@pytest.mark.parametrize("M", [1, 7, 16, 64, 256, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear4bit_real_sizes(N, K, M, dtype):
+    q, W, b = _linear(N, K, dtype, bias=N == 4096)
+    _check_linear(q, W, b, M, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 256])
+def test_kernels_real_sizes(M):
+    packed, state, W = _weight(13824, 5120)
+    x = torch.randn(M, 5120, device=DEVICE, dtype=torch.bfloat16)
+    y = torch.full((M, 13824), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    mm.forward(x, packed, state.absmax, state.code, 13824, 64, state.nested_tensors, out=y)
+    assert rel_err(y, x.float() @ W.T) < BOUND[torch.bfloat16]
+    dy = torch.randn(M, 13824, device=DEVICE, dtype=torch.bfloat16)
+    dx = torch.full((M, 5120), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    mm.backward(dy, packed, state.absmax, state.code, 5120, 64, state.nested_tensors, out=dx)
+    assert rel_err(dx, dy.float() @ W) < BOUND[torch.bfloat16]

@@ -1,0 +1,42 @@
+"""The Triton quantize kernels against the torch reference (interpreter on the CPU, small shapes;
+real sizes on the GPU): the same packed bytes, absmax and nested state to the bit."""
+
+import pytest
+import torch
+
+from qtune.quant import quantize_4bit
+from qtune.quant import reference
+
+from conftest import one_line
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(3, 37), (64, 130), (257, 96)] if DEVICE == "cpu" else [(4096, 4096), (13824, 5120), (1, 4097)]
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("QTUNE_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize,double_quant", [(32, False), (64, True), (256, True), (4096, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_matches_reference(shape, quant_type, blocksize, double_quant, dtype):
+    w = (torch.randn(shape, device=DEVICE) * torch.rand((), device=DEVICE).add(0.1)).to(dtype)
+    w.view(-1)[: blocksize] = 0  # an all-zero block
+    packed, state = quantize_4bit(w, blocksize, quant_type, double_quant, quant_storage=torch.bfloat16)
+    want, want_state = reference.quantize_4bit(w, blocksize, quant_type, double_quant, torch.bfloat16)
+    assert torch.equal(packed.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(state.absmax, want_state.absmax)
+    if double_quant:
+        for got, ref in zip(state.nested_tensors, want_state.nested_tensors):
+            assert torch.equal(got, ref)
+
+
+def test_non_finite_input_refused():
+    w = torch.randn(40, 64, device=DEVICE)
+    w[3, 5], w[7, 1] = float("nan"), float("-inf")
+    with pytest.raises(ValueError) as e:
+        quantize_4bit(w, name="model.layers.0.mlp.up_proj.weight")
+    assert "2 non-finite values" in one_line(e) and "up_proj" in one_line(e)
