@@ -16,6 +16,8 @@ from torch import nn
 
 from ..quant.functional import use_kernel
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # others (float64) take the reference
+
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 round(x * 127 / rowmax), float32 rowmax) of a 2-D tensor; zero rows stay zero."""
@@ -85,7 +87,7 @@ class _Matmul8bit(torch.autograd.Function):
     def forward(ctx, x, cb, scb, bias, threshold):
         ctx.save_for_backward(cb, scb)
         ctx.has_bias = bias is not None
-        if use_kernel(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if use_kernel(x) and x.dtype in KERNEL_DTYPES:
             return int8_linear_kernel(x, cb, scb, threshold, bias)
         return int8_linear(x, cb, scb, threshold, bias).to(x.dtype)
 
@@ -137,7 +139,13 @@ class Linear8bit(nn.Linear):
                              f"got {w.dtype} {tuple(w.shape)}")
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"{name} has {int((~torch.isfinite(w)).sum())} non-finite values; refusing to quantize it")
-        cb, scb = quantize_rowwise(w.detach())
+        w = w.detach()
+        if use_kernel(w) and w.dtype in KERNEL_DTYPES:  # same codes, without a float32 copy of the weight
+            from ..kernels.int8 import quantize_rows
+
+            cb, scb = quantize_rows(w.contiguous())
+        else:
+            cb, scb = quantize_rowwise(w)
         self.weight_dtype = w.dtype
         self.weight = nn.Parameter(cb, requires_grad=False)
         self.SCB = scb

@@ -112,6 +112,15 @@ def test_linear8bit_dispatches_to_the_kernels(monkeypatch):
     assert calls == [1] and y.shape == (2, 5, 80)
     assert rel_err(y, y_ref) <= 1e-6 and torch.equal(gx, gx_ref) and torch.equal(gb, gb_ref)
 
+    lin = nn.Linear(96, 80).to(DEVICE, torch.bfloat16)  # quantizing a weight: the kernel gives the same codes
+    quantize = k.quantize_rows
+    monkeypatch.setattr(k, "quantize_rows", lambda *a, **kw: calls.append(2) or quantize(*a, **kw))
+    by_kernel = Linear8bit.from_linear(lin)
+    assert calls == [1, 2]
+    monkeypatch.setenv("QTUNE_BACKEND", "torch")
+    by_reference = Linear8bit.from_linear(lin)
+    assert torch.equal(by_kernel.weight, by_reference.weight) and torch.equal(by_kernel.SCB, by_reference.SCB)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 16, 256, 4096])
