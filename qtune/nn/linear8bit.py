@@ -27,7 +27,8 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x.float() * scale[:, None]).to(torch.int8), stats
 
 
-def outlier_product(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor | None:
+def outlier_product(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+                    outliers: torch.Tensor) -> torch.Tensor | None:
     """x2[:, outliers] @ W[:, outliers]^T in float32 with the weight columns dequantized, or None
     when no column is an outlier. One host synchronisation (the nonzero that sizes the gather)."""
     cols = outliers.nonzero().squeeze(1)
