@@ -33,8 +33,10 @@ def _absmax(absmax_ptr, blk, mask, nested_absmax_ptr, nested_code_ptr, offset_pt
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         am = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + blk // 256, mask=mask, other=0.0)
-        return am + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        am = am + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return am
 
 
 @triton.jit
@@ -116,14 +118,15 @@ def _dot_dtype(dtype: torch.dtype):
     return _TL[dtype], "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _config(M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by the number of rows (scripts/bench_kernels.py --sweep)."""
+def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by the number of rows (scripts/bench_kernels.py --sweep);
+    float32 tiles stay small enough for sm_75's 64 KiB of shared memory."""
     if M <= 16:
         return 16, 32, 4, 4
     if M <= 32:
         return 32, 64, 4, 4
-    if M <= 64:
-        return 64, 64, 4, 4
+    if M <= 64 or dtype == torch.float32:
+        return 64, 64, 4, 3
     return 128, 128, 8, 3
 
 
@@ -139,7 +142,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     nested_code, offset)."""
     M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    bm, bn, warps, stages = config or _config(M)
+    bm, bn, warps, stages = config or _config(M, x.dtype)
     dot, precision = _dot_dtype(x.dtype)
     na, nc, off = _nested_args(absmax, nested)
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
@@ -156,7 +159,7 @@ def backward(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
     """dy (M, N, unit stride along N) @ deq(W) -> (M, K) in dy's dtype."""
     M, N = dy.shape
     dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
-    bm, bn, warps, stages = config or _config(M)
+    bm, bn, warps, stages = config or _config(M, dy.dtype)
     dot, precision = _dot_dtype(dy.dtype)
     na, nc, off = _nested_args(absmax, nested)
     grid = (K // blocksize, triton.cdiv(M, bm))

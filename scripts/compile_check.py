@@ -1,0 +1,61 @@
+"""Compile qtune's Triton kernels for a GPU target without a GPU (sm_90 and sm_75 by default), to
+catch compile errors and see register/shared-memory use before a device run.
+
+    python scripts/compile_check.py
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from qtune.kernels import matmul4bit as mm
+from qtune.kernels import quantize as kq
+
+P = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
+
+
+def compile_one(fn, sig: dict, consts: dict, arch: int, warps: int = 4, stages: int = 3) -> str:
+    sig = {**sig, **{k: "constexpr" for k in consts}}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        return f"ok shared={k.metadata.shared} regs={getattr(k, 'n_regs', '?')}"
+    except Exception as e:  # report and go on
+        return f"FAILED {type(e).__name__}: {str(e).splitlines()[-1][:300] if str(e) else ''}"
+
+
+def main() -> None:
+    for arch, dt, nested in itertools.product((90, 75), (tl.bfloat16, tl.float16, tl.float32), (True, False)):
+        if arch == 75 and dt == tl.bfloat16:
+            continue
+        dot = dt
+        prec = "ieee" if dt == tl.float32 else "tf32"
+        common = {"packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
+                  "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32"}
+        for bm, bn, w, st in ((16, 32, 4, 4), (64, 64, 4, 3), (128, 128, 8, 3)):
+            sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32",
+                   "stride_xm": "i32", "stride_ym": "i32"}
+            c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "DOT": dot, "PRECISION": prec, "BLOCK_M": bm,
+                 "BLOCK_N": bn}
+            print(f"fwd sm_{arch} {dt} nested={nested} {bm}x{bn}: {compile_one(mm._fwd_kernel, sig, c, arch, w, st)}")
+        sig = {"dy_ptr": P[dt], **common, "dx_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32",
+               "stride_dxm": "i32"}
+        c = {"BS": 64, "NESTED": nested, "DOT": dot, "PRECISION": prec, "BLOCK_M": 16, "BLOCK_N": 64}
+        print(f"bwd sm_{arch} {dt} nested={nested}: {compile_one(mm._bwd_kernel, sig, c, arch)}")
+        sig = {"x_ptr": P[dt], "packed_ptr": "*u8", "absmax_ptr": "*fp32", "bad_ptr": "*i32", "mags_ptr": "*u8",
+               "n": "i64", "n_bytes": "i64", "n_blocks": "i64", **{f"T{i}": "fp32" for i in range(15)}}
+        for fp4 in (False, True):
+            c = {"FP4": fp4, "BLOCKSIZE": 64, "NB": 32}
+            print(f"quant4 sm_{arch} {dt} fp4={fp4}: {compile_one(kq._quant4_kernel, sig, c, arch)}")
+    sig = {"x_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "q_ptr": "*u8", "absmax_ptr": "*fp32",
+           "n": "i32"}
+    print(f"quant8 sm_90: {compile_one(kq._quant8_kernel, sig, {'BLOCKSIZE': 256}, 90)}")
+
+
+if __name__ == "__main__":
+    main()
