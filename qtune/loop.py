@@ -112,10 +112,10 @@ def train(cfg, resolved: dict) -> dict:
     for name in ("micro_batch", "grad_accum", "seq_len", "log_every", "save_every", "eval_every", "keep_last"):
         if getattr(t, name) < 1:
             raise RunError(f"train.{name}={getattr(t, name)} must be at least 1")
-    if t.strategy != "ddp":
-        raise RunError(f"train.strategy={t.strategy!r} is not supported yet; allowed: ddp (FSDP-sharded 4-bit "
-                       f"base weights are not implemented)")
-    group = Group()
+    group = Group(t.strategy)
+    if group.fsdp and t.precision == "fp16":
+        raise RunError("train.strategy=fsdp does not support train.precision=fp16 (its loss scaler does not "
+                       "handle sharded gradients); allowed: bf16, fp32")
     device = group.device(pick_device(t.device))
     out = t.output_dir
     os.makedirs(out, exist_ok=True)
@@ -137,15 +137,17 @@ def train(cfg, resolved: dict) -> dict:
         total = max(1, math.ceil(t.epochs * batches.per_epoch / (t.grad_accum * group.world)))
 
     torch.manual_seed(t.seed + 1)  # dropout's stream, the same whatever loading consumed
-    params = [p for p in model.parameters() if p.requires_grad]
-    group.broadcast_params(params)
+    group.check_model(model, device)
+    saved = run_state.load(resume_from, model, device) if resume_from else None  # before fsdp shards
+    group.broadcast_params([p for p in model.parameters() if p.requires_grad])
+    group.shard(model, device)
+    params = [p for p in model.parameters() if p.requires_grad]  # fsdp: the sharded (DTensor) ones
     optimizer = make_optimizer(cfg, params)
     scheduler = make_schedule(cfg, optimizer, total)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16" and device.type == "cuda")
     step, position = 0, 0
-    if resume_from:
-        saved = run_state.load(resume_from, model, device)
-        optimizer.load_state_dict(saved["optimizer"])
+    if saved:
+        optimizer.load_state_dict(group.optimizer_state(saved))
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         # the data position is kept as micro-batches consumed by all ranks together; another world
@@ -177,10 +179,16 @@ def train(cfg, resolved: dict) -> dict:
 
     def checkpoint() -> str | None:
         path = None
-        if group.main:  # replicas are identical: rank 0 writes for all
+        # ddp: replicas are identical, rank 0 writes for all; fsdp: the LoRA weights are gathered
+        # whole and every rank's optimizer shard goes into rank 0's state.pt ("optimizer_shards")
+        adapter_state = group.full_trainable_state(model)
+        opt = {"optimizer_shards": group.gather_states(optimizer.state_dict()), "strategy": "fsdp"} \
+            if group.fsdp else {"optimizer": optimizer.state_dict() if group.main else None}
+        if group.main:
             path = run_state.save(out, step, model, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "position": position, "world": group.world}, t.keep_last)
+                **opt, "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "position": position, "world": group.world}, t.keep_last,
+                adapter_state=adapter_state)
         group.barrier()
         return path
 
@@ -213,7 +221,7 @@ def train(cfg, resolved: dict) -> dict:
             if math.isfinite(loss_val) or scaler.is_enabled():
                 scaler.unscale_(optimizer)
                 if cfg.optim.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+                    grad_norm = group.clip_grad_norm(params, cfg.optim.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -252,12 +260,14 @@ def train(cfg, resolved: dict) -> dict:
                     print(f"interrupted at step {step}: checkpoint {path}; continue with train.resume=auto", flush=True)
                 raise SystemExit(128 + stop["signal"])
         bar.close()
-        if group.world > 1:  # replicas must agree: a cheap check that the all-reduce kept them so
+        if group.world > 1 and not group.fsdp:  # replicas must agree: a cheap check that the all-reduce kept them so
             sums = group.gather(float(sum(p.detach().double().sum() for p in params)))
             log({"step": step, "rank_param_sums": sums})
             if len(set(sums)) != 1:
                 raise RunError(f"ranks disagree on the LoRA weights after step {step}: {sums}")
-        adapter = save_final(model, out, resolved) if group.main else None
+        log({"step": step, **group.memory_record(model, device)})
+        adapter_state = group.full_trainable_state(model)
+        adapter = save_final(model, out, resolved, adapter_state) if group.main else None
         group.barrier()
     finally:
         for s, h in old.items():
@@ -274,14 +284,15 @@ def train(cfg, resolved: dict) -> dict:
     return summary
 
 
-def save_final(model, out: str, resolved: dict) -> str:
-    """The adapter in peft's format with the resolved run config beside it, written atomically."""
+def save_final(model, out: str, resolved: dict, adapter_state: dict | None = None) -> str:
+    """The adapter in peft's format with the resolved run config beside it, written atomically.
+    `adapter_state`: the trainable weights gathered whole (fsdp), else the model's own are saved."""
     from omegaconf import OmegaConf
 
     from .atomic import atomic_dir
 
     final = os.path.join(out, "adapter")
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=adapter_state)
         OmegaConf.save(OmegaConf.create(resolved), os.path.join(tmp, "qtune_config.yaml"))
     return final

@@ -36,13 +36,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(output_dir: str, step: int, model, state: dict, keep_last: int) -> str:
-    """Write checkpoints/step_NNNNNNN (adapter/ in peft's format + state.pt) atomically; prune."""
+def save(output_dir: str, step: int, model, state: dict, keep_last: int, adapter_state: dict | None = None) -> str:
+    """Write checkpoints/step_NNNNNNN (adapter/ in peft's format + state.pt) atomically; prune.
+    `adapter_state`: the trainable weights gathered whole (fsdp); default: the model's own."""
     root = checkpoint_dir(output_dir)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:07d}")
     with atomic_dir(final) as tmp:
-        model.save_pretrained(os.path.join(tmp, "adapter"))
+        model.save_pretrained(os.path.join(tmp, "adapter"), state_dict=adapter_state)
         torch.save({**state, "step": step, "rng": rng_state()}, os.path.join(tmp, "state.pt"))
     for old in sorted(d for d in os.listdir(root) if CKPT.match(d))[:-keep_last or None]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)

@@ -5,6 +5,9 @@ over flat state buffers and a cached work list; elsewhere (or with QTUNE_BACKEND
 reference runs tensor by tensor. Per-parameter state entries (`step`, `state1`, `state2`,
 `absmax1`, `absmax2`) are views into the flat buffers, so state_dict()/load_state_dict() work as
 for any optimizer and keep the 8-bit codes exactly.
+
+DTensor parameters (FSDP2's shards) are stepped on their local shards: each rank's states cover
+its own shard only, and its state_dict() holds just those.
 """
 
 from __future__ import annotations
@@ -18,7 +21,17 @@ import torch
 from . import reference
 from .reference import BLOCK, state_maps
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed
+    DTensor = ()
+
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _local(t):
+    """The local shard of a DTensor (FSDP2 parameters and their gradients); any other tensor as is."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _kernel_filter():
@@ -96,8 +109,10 @@ class Adam8bit(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
+            eight_bit = p.numel() >= self.min_8bit_size  # the whole tensor decides, also for a DTensor's shard
+            p = _local(p)
             state["step"] = 0
-            if p.numel() >= self.min_8bit_size:
+            if eight_bit:
                 blocks = -(-p.numel() // BLOCK)
                 state["state1"] = torch.full_like(p, 127, dtype=torch.uint8, memory_format=torch.contiguous_format)
                 state["state2"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
@@ -141,6 +156,7 @@ class Adam8bit(torch.optim.Optimizer):
 
     @staticmethod
     def _check_saved_state(p: torch.Tensor, s: dict, where: str) -> None:
+        p = _local(p)
         n = p.numel()
         s1 = s.get("state1")
         if s1 is None or "state2" not in s or "step" not in s:
@@ -168,7 +184,7 @@ class Adam8bit(torch.optim.Optimizer):
             plan = self._plans.get(gi)
             if plan is not None and plan.fast and plan.backend == backend and plan.n == len(group["params"]):
                 try:  # the common case: every parameter has a gradient and goes to the kernel
-                    g_addrs = [p.grad.data_ptr() for p in group["params"]]
+                    g_addrs = [_local(p.grad).data_ptr() for p in group["params"]]
                 except AttributeError:  # a gradient is None: work out the layout again
                     pass
                 else:
@@ -182,7 +198,7 @@ class Adam8bit(torch.optim.Optimizer):
                 use_kernel = _kernel_filter()
                 for p in params:
                     self._check_param(p)
-                fused = [p for p in params if use_kernel(p)]
+                fused = [p for p in params if use_kernel(_local(p))]
                 fused_ids = set(map(id, fused))
                 plan = _Plan(key=key, backend=backend, n=len(group["params"]),
                              fast=len(fused) == len(params) == len(group["params"]),
@@ -197,19 +213,20 @@ class Adam8bit(torch.optim.Optimizer):
 
     @staticmethod
     def _check_param(p: torch.Tensor) -> None:
-        if p.grad.is_sparse:
+        p, grad = _local(p), _local(p.grad)
+        if grad.is_sparse:
             raise RuntimeError("Adam8bit does not support sparse gradients")
         if p.dtype not in PARAM_DTYPES:
             raise TypeError(f"parameter dtype {p.dtype} is not supported; allowed: float32, float16, bfloat16")
-        if p.grad.dtype != p.dtype or p.grad.device != p.device or p.grad.shape != p.shape:
-            raise TypeError(f"gradient ({p.grad.dtype}, {p.grad.device}, {tuple(p.grad.shape)}) does not match its "
+        if grad.dtype != p.dtype or grad.device != p.device or grad.shape != p.shape:
+            raise TypeError(f"gradient ({grad.dtype}, {grad.device}, {tuple(grad.shape)}) does not match its "
                             f"parameter ({p.dtype}, {p.device}, {tuple(p.shape)})")
 
     def _reference_step(self, p: torch.Tensor, group: dict) -> None:
         state = self._init_state(p)
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        reference.adam_step(p, p.grad, state, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        reference.adam_step(_local(p), _local(p.grad), state, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"], decoupled=self._decoupled, step=int(state["step"]))
 
     def _fused_step(self, group: dict, buckets: list[_Bucket], g_addrs_all: list[int] | None) -> None:
@@ -222,30 +239,30 @@ class Adam8bit(torch.optim.Optimizer):
         device = buckets[0].state1.device
         maps = _device_maps(device)
         for b in buckets:
-            if b.params[0].data_ptr() != b.p_addrs[0] or b.params[-1].data_ptr() != b.p_addrs[-1]:
-                b.p_addrs = [p.data_ptr() for p in b.params]  # parameters were moved (model.to(...))
+            if _local(b.params[0]).data_ptr() != b.p_addrs[0] or _local(b.params[-1]).data_ptr() != b.p_addrs[-1]:
+                b.p_addrs = [_local(p).data_ptr() for p in b.params]  # parameters were moved (model.to(...))
                 b.g_addrs = []
             if g_addrs_all is not None:
                 g_addrs = [g_addrs_all[i] for i in b.index]
             else:
-                g_addrs = [p.grad.data_ptr() for p in b.params]
+                g_addrs = [_local(p.grad).data_ptr() for p in b.params]
             grads = None
             if g_addrs != b.g_addrs:  # new gradient tensors: check them and upload their offsets
-                grads = [p.grad for p in b.params]
+                grads = [_local(p.grad) for p in b.params]
                 for p in b.params:
                     self._check_param(p)
                 if not all(map(torch.Tensor.is_contiguous, grads)):
                     grads = [g.contiguous() for g in grads]  # temporaries: their addresses are not kept
                     g_addrs = [g.data_ptr() for g in grads]
                 self._upload_offsets(b, g_addrs, device)
-                b.g_addrs = g_addrs if grads[0] is b.params[0].grad else []
+                b.g_addrs = g_addrs if grads[0] is _local(b.params[0].grad) else []
             b.steps += 1
             if b.uniform:
                 scalars = reference.step_scalars(lr, beta1, beta2, group["eps"], int(b.steps[0]))
             else:
                 table = [reference.step_scalars(lr, beta1, beta2, group["eps"], n) for n in b.steps.tolist()]
                 scalars = torch.tensor(table, dtype=torch.float32).to(device)
-            kernel.adam_step(b.work, b.params[0], b.p_offs, b.g_offs, b.align, b.numels, b.elem_offs, b.block_offs,
+            kernel.adam_step(b.work, _local(b.params[0]), b.p_offs, b.g_offs, b.align, b.numels, b.elem_offs, b.block_offs,
                              scalars, b.state1, b.state2, b.absmax1, b.absmax2, maps, beta1=beta1, beta2=beta2,
                              decay=1.0 - lr * wd if self._decoupled else 1.0, l2=0.0 if self._decoupled else wd)
             del grads  # any contiguous copies live until after the launch (stream-ordered frees are safe)
@@ -255,7 +272,7 @@ class Adam8bit(torch.optim.Optimizer):
         """Element offsets of the bucket's parameters and gradients from its first parameter."""
         from ..kernels.adam8bit import element_offsets
 
-        base, size = b.p_addrs[0], b.params[0].element_size()
+        base, size = b.p_addrs[0], _local(b.params[0]).element_size()
         p_offs, p_align = element_offsets(b.p_addrs, base, size)
         g_offs, g_align = element_offsets(g_addrs, base, size)
         b.p_offs, b.g_offs = _to_device(p_offs, device), _to_device(g_offs, device)
@@ -266,7 +283,7 @@ class Adam8bit(torch.optim.Optimizer):
         then become views into them; plus the kernel's tables."""
         from ..kernels.adam8bit import work_list
 
-        device = params[0].device
+        device = _local(params[0]).device
         position = {id(p): i for i, p in enumerate(params)}
         groups: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
@@ -274,7 +291,7 @@ class Adam8bit(torch.optim.Optimizer):
             groups.setdefault((p.dtype, "absmax1" in st), []).append(p)
         buckets = []
         for (dtype, eight_bit), ps in groups.items():
-            numels = [p.numel() for p in ps]
+            numels = [_local(p).numel() for p in ps]
             elem_offs = np.cumsum([0] + [-(-n // 16) * 16 for n in numels[:-1]]).tolist()  # 16-aligned segments
             blocks = [-(-n // BLOCK) for n in numels]
             block_offs = np.cumsum([0] + blocks[:-1]).tolist()
@@ -288,7 +305,7 @@ class Adam8bit(torch.optim.Optimizer):
                     flat[name][off: off + part.numel()] = part
                 for p, part, off in zip(ps, parts, offs):
                     view = flat[name][off: off + part.numel()]
-                    self.state[p][name] = view if name.startswith("absmax") else view.view(p.shape)
+                    self.state[p][name] = view if name.startswith("absmax") else view.view(_local(p).shape)
             as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
             steps = torch.tensor([int(self.state[p]["step"]) for p in ps], dtype=torch.int64)
             for i, p in enumerate(ps):
@@ -299,7 +316,7 @@ class Adam8bit(torch.optim.Optimizer):
                                    absmax1=flat.get("absmax1"), absmax2=flat.get("absmax2"),
                                    work=work_list(numels, device), numels=as_dev(numels),
                                    elem_offs=as_dev(elem_offs), block_offs=as_dev(block_offs),
-                                   p_addrs=[p.data_ptr() for p in ps]))
+                                   p_addrs=[_local(p).data_ptr() for p in ps]))
         return buckets
 
 
