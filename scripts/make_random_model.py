@@ -22,6 +22,28 @@ SHAPES = {
 }
 
 
+def build_random_model(out: str, shape: str = "llama2-13b", layers: int | None = None, dtype: str = "float16",
+                       **overrides) -> str:
+    """Save a random model of `shape` (config fields replaced by `overrides`, e.g. hidden_size) and the
+    character tokenizer to `out`; returns `out`. Built on the GPU when there is one."""
+    fields = dict(SHAPES[shape], **overrides)
+    if layers:
+        fields["num_hidden_layers"] = layers
+    config = LlamaConfig(**fields, max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
+    t0 = time.time()
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(out, max_shard_size="5GB")
+    char_tokenizer().save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"saved {shape} ({config.num_hidden_layers} layers, {n / 1e9:.2f}B parameters) to {out} "
+          f"in {time.time() - t0:.0f} s")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-13b")
@@ -29,21 +51,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the real model")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     a = ap.parse_args()
-    shape = dict(SHAPES[a.shape])
-    if a.layers:
-        shape["num_hidden_layers"] = a.layers
-    config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2)
-    t0 = time.time()
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, a.dtype))
-    model.save_pretrained(a.out, max_shard_size="5GB")
-    char_tokenizer().save_pretrained(a.out)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"saved {a.shape} ({config.num_hidden_layers} layers, {n / 1e9:.2f}B parameters) to {a.out} "
-          f"in {time.time() - t0:.0f} s")
+    build_random_model(a.out, a.shape, a.layers, a.dtype)
 
 
 if __name__ == "__main__":
