@@ -85,7 +85,7 @@ class TrainSettings:
     output_dir: str = "${hydra:runtime.output_dir}"
     resume: Optional[str] = None  # auto | path of a checkpoint directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    strategy: str = "ddp"  # with several processes (torchrun / accelerate launch): ddp
+    strategy: str = "ddp"  # with several processes (torchrun / accelerate launch): ddp | fsdp (README: Several GPUs)
     memory_limit_gib: Optional[float] = None  # cap this process's GPU memory (e.g. 15 to stand in for a 16 GB T4)
     simulate_sigterm_at: Optional[int] = None  # tests: send SIGTERM to itself after this step
 
