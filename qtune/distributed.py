@@ -73,18 +73,22 @@ class Group:
         """fsdp: FSDP2 `fully_shard` on each decoder layer (the classes in transformers'
         `_no_split_modules`), then on the root; in place. Call after LoRA is attached and every rank
         holds the same weights. No mixed-precision policy: autocast computes as in the ddp path and
-        gradients are reduced in the LoRA parameters' own dtype."""
-        if not self.fsdp:
-            return
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        gradients are reduced in the LoRA parameters' own dtype. Every rank has loaded the whole
+        quantized model before this (loading is not sharded). On CUDA, notes the memory allocated
+        once the model is ready (for `memory_record`)."""
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(device.type, (self.world,))
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        blocks = set(getattr(base, "_no_split_modules", None) or ())
-        for layer in [m for m in model.modules() if type(m).__name__ in blocks]:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            mesh = init_device_mesh(device.type, (self.world,))
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            blocks = set(getattr(base, "_no_split_modules", None) or ())
+            for layer in [m for m in model.modules() if type(m).__name__ in blocks]:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            self.setup_gib = torch.cuda.memory_allocated(device) / 2**30
 
     def full_trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """fsdp: the trainable parameters gathered whole (a collective: every rank calls it), on
@@ -122,8 +126,9 @@ class Group:
 
     def memory_record(self, model: nn.Module, device: torch.device) -> dict:
         """Lists indexed by rank: bytes of the packed 4-bit weights each rank holds (its shards
-        under fsdp), bytes of all its parameters and quant states, and on CUDA the peak allocated
-        GPU memory in GiB. A collective: every rank calls it."""
+        under fsdp), bytes of all its parameters and quant states, and on CUDA the GPU memory
+        allocated once the model was ready (`rank_setup_gpu_mem_gib`) and the peak allocated since
+        the start, loading included (`rank_peak_gpu_mem_gib`), in GiB. A collective."""
         from .nn import Linear4bit
 
         _reshard(model)
@@ -136,6 +141,7 @@ class Group:
         rec = {"rank_base_weight_bytes": [int(b) for b in self.gather(float(packed))],
                "rank_model_bytes": [int(b) for b in self.gather(float(params + states))]}
         if device.type == "cuda":
+            rec["rank_setup_gpu_mem_gib"] = self.gather(getattr(self, "setup_gib", 0.0))
             rec["rank_peak_gpu_mem_gib"] = self.gather(torch.cuda.max_memory_allocated(device) / 2**30)
         return rec
 

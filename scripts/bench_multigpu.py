@@ -14,7 +14,9 @@ Throughput is the steady state between the step-5 record and the last one of met
 step carries the same number of tokens, so the cumulative tokens/s records give the time between
 them); tokens/s per GPU = all ranks' tokens / time / GPUs; scaling = N-GPU tokens/s over 1-GPU's.
 Memory per rank comes from the run's final record: packed 4-bit weights held, all parameters + quant
-states held, and torch.cuda.max_memory_allocated. Prints a table; writes bench_multigpu.json.
+states held (by tensor sizes), memory allocated once the model is ready (sharded, before optimizer
+states) and torch.cuda.max_memory_allocated over the whole run. Every rank loads the whole quantized
+model before fsdp shards it, so the peak includes that load. Prints a table; writes bench_multigpu.json.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ def run(name: str, gpus: int, strategy: str, model: str, data: str, a, work: str
            "last_loss": [r["loss"] for r in recs if "loss" in r][-1],
            "base_weight_gib_per_rank": [b / 2**30 for b in mem["rank_base_weight_bytes"]],
            "model_gib_per_rank": [b / 2**30 for b in mem["rank_model_bytes"]],
+           "setup_gib_per_rank": mem.get("rank_setup_gpu_mem_gib"),
            "peak_gib_per_rank": mem.get("rank_peak_gpu_mem_gib")}
     print(f"   {res['tokens_per_s_per_gpu']:.0f} tokens/s per GPU, peak {res['peak_gib_per_rank']} GiB, "
           f"{wall:.0f} s", flush=True)
@@ -128,15 +131,18 @@ def main() -> None:
     one = next((r for r in results if r["gpus"] == 1), None)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"\n{device} x {a.gpus}, torch {torch.__version__}; Llama-2-13B shape, "
-          f"{a.layers} layers, seq {a.seq}, micro-batch 1 per GPU, {a.steps} steps (steady state from step {LOG_EVERY})")
+          f"{a.layers} layers, seq {a.seq}, micro-batch 1 per GPU, {a.steps} steps "
+          f"(steady state from step {LOG_EVERY})")
     print(f"{'run':<12} {'tok/s/GPU':>10} {'speedup':>8} {'eff.':>6} {'4-bit GiB/rank':>15} {'model GiB/rank':>15} "
-          f"{'peak GiB/rank':>18}")
+          f"{'ready GiB/rank':>18} {'peak GiB/rank':>18}")
     for r in results:
         speed = r["tokens_per_s"] / one["tokens_per_s"] if one else float("nan")
         r["speedup_vs_one_gpu"], r["scaling_efficiency"] = speed, speed / r["gpus"]
         peak = "/".join(f"{x:.2f}" for x in r["peak_gib_per_rank"] or [])
+        ready = "/".join(f"{x:.2f}" for x in r["setup_gib_per_rank"] or [])
         print(f"{r['name']:<12} {r['tokens_per_s_per_gpu']:>10.0f} {speed:>7.2f}x {speed / r['gpus']:>6.1%} "
-              f"{max(r['base_weight_gib_per_rank']):>15.3f} {max(r['model_gib_per_rank']):>15.3f} {peak:>18}")
+              f"{max(r['base_weight_gib_per_rank']):>15.3f} {max(r['model_gib_per_rank']):>15.3f} "
+              f"{ready:>18} {peak:>18}")
     if one:
         for r in results:
             if r["strategy"] == "ddp" and r["gpus"] > 1:

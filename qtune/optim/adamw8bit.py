@@ -226,8 +226,9 @@ class Adam8bit(torch.optim.Optimizer):
         state = self._init_state(p)
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        reference.adam_step(_local(p), _local(p.grad), state, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"], decoupled=self._decoupled, step=int(state["step"]))
+        reference.adam_step(_local(p), _local(p.grad), state, lr=group["lr"], beta1=beta1, beta2=beta2,
+                            eps=group["eps"], weight_decay=group["weight_decay"], decoupled=self._decoupled,
+                            step=int(state["step"]))
 
     def _fused_step(self, group: dict, buckets: list[_Bucket], g_addrs_all: list[int] | None) -> None:
         """One launch per bucket. `g_addrs_all`: gradient addresses of all the group's parameters
@@ -239,7 +240,8 @@ class Adam8bit(torch.optim.Optimizer):
         device = buckets[0].state1.device
         maps = _device_maps(device)
         for b in buckets:
-            if _local(b.params[0]).data_ptr() != b.p_addrs[0] or _local(b.params[-1]).data_ptr() != b.p_addrs[-1]:
+            first, last = _local(b.params[0]), _local(b.params[-1])
+            if first.data_ptr() != b.p_addrs[0] or last.data_ptr() != b.p_addrs[-1]:
                 b.p_addrs = [_local(p).data_ptr() for p in b.params]  # parameters were moved (model.to(...))
                 b.g_addrs = []
             if g_addrs_all is not None:

@@ -108,7 +108,7 @@ def test_fsdp_shards_base_weights_trains_like_one_process_and_resumes(single):
                            "train.strategy=fsdp on 2 ranks (now: 1 ddp rank)")
 
     # the consolidated adapter is a plain peft adapter: it loads on one process
-    from peft import PeftModel, set_peft_model_state_dict  # noqa: F401
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from qtune.hf import QuantConfig
