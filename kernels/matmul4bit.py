@@ -22,28 +22,44 @@ from .rounding import to_dtype_rne
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 MAX_BLOCKSIZE = 256
-# Rows of X (dY) up to which the fused kernel beats dequantize + cuBLAS (scripts/bench_kernels.py --sweep).
-FWD_MAX_M = 256
-BWD_MAX_M = 16
+# Rows of X (dY) up to which the fused kernel beats dequantize + cuBLAS, from scripts/bench_kernels.py
+# --sweep on an H200 (13824x5120, bf16): forward 83/83/99 us vs 112/111/109 us at M=1/16/32, slower
+# from M=64 (146 vs 111); the input-gradient kernel is slower at every M (317 vs 111 us at M=1), so
+# it is not dispatched.
+FWD_MAX_M = 32
+BWD_MAX_M = 0
 
 
 @triton.jit
-def _absmax(absmax_ptr, blk, mask, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED: tl.constexpr):
-    """float32 absmax of blocks `blk` (nested: code[q] * nested_absmax + offset, as the reference)."""
+def _absmax(stored, blk, mask, nested_absmax_ptr, nested_code_ptr, offset, NESTED: tl.constexpr):
+    """float32 absmax of blocks `blk` from their stored values (nested: code[q] * nested_absmax +
+    offset, as the reference decodes it; else already float32)."""
     if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        am = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + blk // 256, mask=mask, other=0.0)
-        am = am + tl.load(offset_ptr)
+        am = tl.load(nested_code_ptr + stored.to(tl.int32)) * tl.load(nested_absmax_ptr + blk // 256, mask=mask,
+                                                                       other=0.0)
+        am = am + offset
     else:
-        am = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        am = stored
     return am
 
 
 @triton.jit
-def _codes(packed_ptr, code_ptr, byte_offs, mask, DOT: tl.constexpr):
-    """The two values of each byte (high nibble first) in the dot's dtype, unscaled."""
-    byte = tl.load(packed_ptr + byte_offs, mask=mask, other=0).to(tl.int32)
-    return tl.load(code_ptr + (byte >> 4)).to(DOT), tl.load(code_ptr + (byte & 15)).to(DOT)
+def _table(code_ptr, COLS: tl.constexpr, AXIS: tl.constexpr, DOT: tl.constexpr):
+    """The 16 code values in registers, repeated along the other axis for tl.gather."""
+    t = tl.load(code_ptr + tl.arange(0, 16)).to(DOT)
+    if AXIS == 0:
+        table = tl.broadcast_to(t[:, None], (16, COLS))
+    else:
+        table = tl.broadcast_to(t[None, :], (COLS, 16))
+    return table
+
+
+@triton.jit
+def _codes(table, byte, AXIS: tl.constexpr):
+    """The two values of each byte (high nibble first) in the table's dtype, unscaled: a lookup in
+    registers, not a gather from memory (which Triton's pipeliner would turn into 4-byte copies)."""
+    byte = byte.to(tl.int32)
+    return tl.gather(table, byte >> 4, AXIS), tl.gather(table, byte & 15, AXIS)
 
 
 @triton.jit
@@ -57,19 +73,29 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     h = tl.arange(0, BS // 2)
     m_mask, n_mask = rm < M, rn < N
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + 2 * h[None, :]
+    x_offs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BS)[None, :]
     w_cols = rn.to(tl.int64)[None, :] * (K // 2) + h[:, None]  # (BS/2, BLOCK_N) byte offsets
     blocks_per_row = K // BS
+    blk = rn.to(tl.int64) * blocks_per_row
+    offset = tl.load(offset_ptr) if NESTED else 0.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    table = _table(code_ptr, BLOCK_N, 0, DOT)
+    # Every global load of block kb + 1 is issued before block kb computes (one block of lookahead).
+    byte = tl.load(packed_ptr + w_cols, mask=n_mask[None, :], other=0)
+    xv = tl.load(x_offs, mask=m_mask[:, None], other=0.0)
+    stored = tl.load(absmax_ptr + blk, mask=n_mask, other=0)
     for kb in range(0, blocks_per_row):
-        xe = tl.load(x_rows + kb * BS, mask=m_mask[:, None], other=0.0).to(DOT)
-        xo = tl.load(x_rows + kb * BS + 1, mask=m_mask[:, None], other=0.0).to(DOT)
-        hi, lo = _codes(packed_ptr, code_ptr, w_cols + kb * (BS // 2), n_mask[None, :], DOT)
-        part = tl.dot(xe, hi, input_precision=PRECISION)
-        part = tl.dot(xo, lo, part, input_precision=PRECISION)
-        am = _absmax(absmax_ptr, rn.to(tl.int64) * blocks_per_row + kb, n_mask, nested_absmax_ptr, nested_code_ptr,
-                     offset_ptr, NESTED)
+        kn = tl.minimum(kb + 1, blocks_per_row - 1)
+        byte_n = tl.load(packed_ptr + w_cols + kn * (BS // 2), mask=n_mask[None, :], other=0)
+        xv_n = tl.load(x_offs + kn * BS, mask=m_mask[:, None], other=0.0)
+        stored_n = tl.load(absmax_ptr + blk + kn, mask=n_mask, other=0)
+        xe, xo = tl.split(xv.reshape(BLOCK_M, BS // 2, 2))  # even and odd columns of X
+        hi, lo = _codes(table, byte, 0)
+        part = tl.dot(xe.to(DOT), hi, input_precision=PRECISION)
+        part = tl.dot(xo.to(DOT), lo, part, input_precision=PRECISION)
+        am = _absmax(stored, blk + kb, n_mask, nested_absmax_ptr, nested_code_ptr, offset, NESTED)
         acc += part * am[None, :]
+        byte, xv, stored = byte_n, xv_n, stored_n
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
@@ -89,16 +115,27 @@ def _bwd_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
     blocks_per_row = K // BS
     acc_e = tl.zeros((BLOCK_M, BS // 2), tl.float32)
     acc_o = tl.zeros((BLOCK_M, BS // 2), tl.float32)
+    table = _table(code_ptr, BLOCK_N, 1, DOT)
+    offset = tl.load(offset_ptr) if NESTED else 0.0
+    r = tl.arange(0, BLOCK_N)
+    w_rows = r.to(tl.int64)[:, None] * (K // 2) + kb * (BS // 2) + h[None, :]
+    dy_offs = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + r[None, :]
+    # Every global load of the next BLOCK_N rows is issued before these compute.
+    byte = tl.load(packed_ptr + w_rows, mask=r[:, None] < N, other=0)
+    dyv = tl.load(dy_offs, mask=m_mask[:, None] & (r < N)[None, :], other=0.0)
+    stored = tl.load(absmax_ptr + r.to(tl.int64) * blocks_per_row + kb, mask=r < N, other=0)
     for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
+        rn = n0 + r
         n_mask = rn < N
-        dy = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn[None, :],
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        am = _absmax(absmax_ptr, rn.to(tl.int64) * blocks_per_row + kb, n_mask, nested_absmax_ptr, nested_code_ptr,
-                     offset_ptr, NESTED)
-        dy = (dy * am[None, :]).to(DOT)  # the absmax scales W's rows: fold it into dY's columns
-        hi, lo = _codes(packed_ptr, code_ptr, rn.to(tl.int64)[:, None] * (K // 2) + kb * (BS // 2) + h[None, :],
-                        n_mask[:, None], DOT)
+        nn = rn + BLOCK_N
+        byte_n = tl.load(packed_ptr + w_rows + (n0 + BLOCK_N) * (K // 2), mask=(nn < N)[:, None], other=0)
+        dyv_n = tl.load(dy_offs + n0 + BLOCK_N, mask=m_mask[:, None] & (nn < N)[None, :], other=0.0)
+        stored_n = tl.load(absmax_ptr + nn.to(tl.int64) * blocks_per_row + kb, mask=nn < N, other=0)
+        am = _absmax(stored, rn.to(tl.int64) * blocks_per_row + kb, n_mask, nested_absmax_ptr, nested_code_ptr, offset,
+                     NESTED)
+        dy = (dyv.to(tl.float32) * am[None, :]).to(DOT)  # the absmax scales W's rows: fold it into dY's columns
+        hi, lo = _codes(table, byte, 1)
+        byte, dyv, stored = byte_n, dyv_n, stored_n
         acc_e = tl.dot(dy, hi, acc_e, input_precision=PRECISION)
         acc_o = tl.dot(dy, lo, acc_o, input_precision=PRECISION)
     dx = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + kb * BS + 2 * h[None, :]
@@ -124,7 +161,7 @@ def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     if M <= 16:
         return 16, 32, 4, 4
     if M <= 32:
-        return 32, 64, 4, 4
+        return 32, 64, 4, 3
     if M <= 64 or dtype == torch.float32:
         return 64, 64, 4, 3
     return 128, 128, 8, 3

@@ -13,6 +13,7 @@ import torch
 from . import run_state
 from .data import build_datasets, collate, pack
 from .distributed import Group
+from .loss import causal_lm_loss
 from .metrics import MetricsLogger
 from .model import load_model
 
@@ -98,7 +99,7 @@ def evaluate(model, items: list, micro_batch: int, pad_id: int, device, autocast
         batch = _to(collate(items[i:i + micro_batch], pad_id, mask_dtype), device, None)
         n = int((batch["labels"][:, 1:] != -100).sum())
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model(**batch).loss
+            loss = causal_lm_loss(model, batch)
         total, tokens = total + float(loss) * n, tokens + n
     model.train()
     return total / max(tokens, 1)
@@ -199,7 +200,7 @@ def train(cfg, resolved: dict) -> dict:
                 batch = _to(batches.get(position * group.world + group.rank), device, None)
                 position += 1
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = model(**batch).loss
+                    loss = causal_lm_loss(model, batch)
                 scaler.scale(loss / t.grad_accum).backward()
                 loss_sum += float(loss.detach())
                 n_tok += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 else batch["input_ids"].numel()

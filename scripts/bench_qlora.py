@@ -328,6 +328,41 @@ def quality(path, args, device, vocab) -> dict:
             "final_mean": means, "relative_difference": rel, "pass": rel <= QUALITY_TOL, "curves": curves}
 
 
+def profile(path, args, device, vocab) -> dict:
+    """Where a step's time goes, per stack: torch.profiler over 3 steps after warm-up; GPU busy time
+    against wall time (host-bound when far below) and the top kernels and CPU ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    for seq in args.seq:
+        batches = random_batches(1, seq, vocab, args.seed, device)
+        for stack in args.stacks:
+            free()
+            model, step, _ = STACKS[stack](path, args, seq, device)
+            for _ in range(args.warmup):
+                step(batches[0])
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step(batches[0])
+                torch.cuda.synchronize(device)
+            wall = (time.perf_counter() - t0) / 3 * 1e3
+            ev = prof.key_averages()
+            gpu = sum(e.self_device_time_total for e in ev) / 3 / 1e3
+            top = sorted(ev, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+            print(f"\nprofile seq {seq} stack {stack}: wall {wall:.1f} ms/step, GPU busy {gpu:.1f} ms/step")
+            for e in top:
+                print(f"  {e.self_device_time_total / 3 / 1e3:8.2f} ms  {e.count // 3:5d}x  {e.key[:90]}")
+            cpu = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+            print("  CPU self time: " + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / 3 / 1e3:.1f} ms" for e in cpu))
+            out[f"{seq}-{stack}"] = {"wall_ms": wall, "gpu_ms": gpu, "top": [
+                (e.key, e.count // 3, e.self_device_time_total / 3 / 1e3) for e in top]}
+            del model, step
+    return out
+
+
 def environment(device) -> dict:
     import peft
     import transformers
@@ -370,6 +405,7 @@ def main() -> None:
                     help="instead of the speed runs: train A and C this many steps (200) and compare losses")
     ap.add_argument("--quality-seq", type=int, default=1024)
     ap.add_argument("--quality-ref", choices=["A", "B"], default="A")
+    ap.add_argument("--profile", action="store_true", help="instead of the speed runs: profile 3 steps per stack")
     ap.add_argument("--json", default=None,
                     help="default: $OUT/bench_qlora.json ($OUT/bench_qlora_quality.json with --quality-steps)")
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -386,7 +422,8 @@ def main() -> None:
         device = torch.device("cuda", torch.cuda.current_device())
 
     if args.json is None and os.environ.get("OUT"):
-        name = "bench_qlora_quality.json" if args.quality_steps and not args.cpu_smoke else "bench_qlora.json"
+        name = ("bench_qlora_profile.json" if args.profile else "bench_qlora_quality.json"
+                if args.quality_steps and not args.cpu_smoke else "bench_qlora.json")
         args.json = os.path.join(os.environ["OUT"], name)
     path = ensure_model(args)
     with open(os.path.join(path, "config.json")) as f:
@@ -396,7 +433,9 @@ def main() -> None:
         "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")}},
         "settings": {k: v for k, v in vars(args).items() if k != "json"}}
     print(f"{report['env'].get('gpu', 'cpu')}: torch {torch.__version__}; model {path}", flush=True)
-    if args.quality_steps and not args.cpu_smoke:
+    if args.profile:
+        report["profile"] = profile(path, args, device, vocab)
+    elif args.quality_steps and not args.cpu_smoke:
         report["quality"] = quality(path, args, device, vocab)
     else:
         report["results"], report["ratios"] = speed(path, args, device, vocab)

@@ -81,6 +81,8 @@ def _check_linear(q, W, b, M, dtype, lead=()):
 @pytest.mark.parametrize("blocksize", [64, 4096])  # 4096: not fused, dequantize + matmul
 def test_linear4bit_dispatch(monkeypatch, M, blocksize):
     monkeypatch.setenv("QTUNE_BACKEND", "triton")
+    monkeypatch.setattr(mm, "FWD_MAX_M", 16)  # both kernels and both fallbacks, whatever the measured thresholds
+    monkeypatch.setattr(mm, "BWD_MAX_M", 16)
     q, W, b = _linear(48, 128 if blocksize == 64 else 4096, torch.float16, blocksize)
     _check_linear(q, W, b, M, torch.float16, lead=(2,))
 
