@@ -147,7 +147,8 @@ def sweep(rows: list) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="search the fused kernels' launch configs per M")
-    ap.add_argument("--no-int8", action="store_true", help="skip the int8 forward")
+    ap.add_argument("--parts", nargs="+", choices=["formats", "matmul", "int8"], default=["formats", "matmul", "int8"],
+                    help="which tables to measure (default: all)")
     args = ap.parse_args()
     import bitsandbytes as bnb
     import triton
@@ -161,9 +162,11 @@ def main() -> None:
         bw = copy_bandwidth()
         rows.append({"op": "copy", "gbs": bw})
         print(f"device copy: {bw:.0f} GB/s")
-        bench_formats(rows, bw)
-        bench_matmul(rows)
-        if not args.no_int8 and os.path.exists(os.path.join(os.path.dirname(__file__), "bench_int8.py")):
+        if "formats" in args.parts:
+            bench_formats(rows, bw)
+        if "matmul" in args.parts:
+            bench_matmul(rows)
+        if "int8" in args.parts:
             sys.path.insert(0, os.path.dirname(__file__))
             from bench_int8 import bench_int8
 

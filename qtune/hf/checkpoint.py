@@ -11,13 +11,14 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..nn.linear4bit import Linear4bit
+from ..nn.linear8bit import Linear8bit
 from .config import QuantConfig
 
 
 def from_pretrained(path: str | os.PathLike, quantization_config: QuantConfig | None = None, *,
                     model_class: Any = None, **kwargs) -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained` that also reads checkpoints saved by transformers +
-    bitsandbytes in 4 bits, into qtune's layers (the tensors share one layout; only the config
+    bitsandbytes (4-bit or 8-bit), into qtune's layers (the tensors share one layout; only the config
     differs). Any other checkpoint loads as with transformers, quantized by `quantization_config`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -27,8 +28,6 @@ def from_pretrained(path: str | os.PathLike, quantization_config: QuantConfig | 
     saved = getattr(config, "quantization_config", None)
     saved = saved if isinstance(saved, dict) or saved is None else saved.to_dict()
     if saved and saved.get("quant_method") == "bitsandbytes":
-        if not saved.get("load_in_4bit"):
-            raise ValueError(f"{path} holds a bitsandbytes 8-bit checkpoint; qtune reads 4-bit ones")
         qc = QuantConfig.from_bnb(saved)
         if quantization_config is not None and quantization_config.compute_dtype is not None:
             qc.compute_dtype = quantization_config.compute_dtype  # a loading attribute, as in transformers
@@ -49,8 +48,8 @@ def export_bitsandbytes(model: nn.Module, out_dir: str | os.PathLike, *, overwri
     qc = getattr(model.config, "quantization_config", None)
     if not isinstance(qc, QuantConfig):
         raise ValueError("export_bitsandbytes needs a model loaded with quantization_config=qtune.QuantConfig(...)")
-    if not any(isinstance(m, Linear4bit) for m in model.modules()):
-        raise ValueError("export_bitsandbytes: the model holds no qtune Linear4bit layer")
+    if not any(isinstance(m, (Linear4bit, Linear8bit)) for m in model.modules()):
+        raise ValueError("export_bitsandbytes: the model holds no qtune Linear4bit or Linear8bit layer")
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")

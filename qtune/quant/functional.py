@@ -6,6 +6,7 @@ forces the reference for debugging.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -62,30 +63,39 @@ def _non_finite_error(bad: int, A: torch.Tensor, name: str) -> ValueError:
                       f"of {A.numel()}; refusing to quantize it")
 
 
+@functools.cache
+def _device_tables(quant_type: str, device: torch.device):
+    """(code table, rounding thresholds as floats, FP4 magnitude nibbles or None, nested 8-bit map) on
+    `device`, copied there once: a host-to-device copy per quantized tensor would stall the stream."""
+    from .codes import code_table, dynamic_map, fp4_magnitude_tables, nf4_thresholds
+
+    if quant_type == "nf4":
+        thresholds, mags = nf4_thresholds(), None
+    else:
+        thresholds, mags = fp4_magnitude_tables()
+        mags = mags.to(device)
+    return code_table(quant_type).to(device), tuple(thresholds.tolist()), mags, dynamic_map(True).to(device)
+
+
 def _quantize_4bit_kernel(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool,
                           quant_storage: torch.dtype, name: str) -> tuple[torch.Tensor, QuantState]:
     """The Triton path of quantize_4bit: same bytes and state as the reference. Counts non-finite
     inputs in the same pass and checks the count once at the end (one host synchronisation)."""
     from ..kernels import quantize as kq
-    from .codes import code_table, dynamic_map, fp4_magnitude_tables, nf4_thresholds
     from .state import NestedState
 
     n_bytes = -(-A.numel() // 2)
     padded = n_bytes + (-n_bytes % quant_storage.itemsize)
     packed = torch.empty(padded, dtype=torch.uint8, device=A.device)
     packed[n_bytes:].zero_()
-    if quant_type == "nf4":
-        thresholds, mags = nf4_thresholds(), packed  # mags unused for NF4
-    else:
-        thresholds, mags = fp4_magnitude_tables()
-        mags = mags.to(A.device)
-    absmax, bad = kq.quantize_4bit(A.contiguous(), blocksize, quant_type == "fp4", tuple(thresholds.tolist()), mags,
-                                   packed)
+    code, thresholds, mags, nested_code = _device_tables(quant_type, A.device)
+    absmax, bad = kq.quantize_4bit(A.contiguous(), blocksize, quant_type == "fp4", thresholds,
+                                   packed if mags is None else mags, packed)
     state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type,
-                       code=code_table(quant_type).to(A.device))
+                       code=code.clone())
     if double_quant:
         offset = absmax.mean()
-        nested_code = dynamic_map(True).to(A.device)
+        nested_code = nested_code.clone()
         q, absmax2 = kq.quantize_blockwise_8bit(absmax, offset, nested_code)
         state.absmax = q
         state.nested = NestedState(absmax=absmax2, code=nested_code, offset=offset)

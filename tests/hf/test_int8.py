@@ -1,5 +1,6 @@
 """8-bit (LLM.int8) weights: the layer against float, outliers, quantize-on-load, save/reload, LoRA."""
 
+import pytest
 import torch
 from conftest import lora_losses, rel_err
 from peft import LoraConfig, get_peft_model
@@ -48,6 +49,16 @@ def test_load_in_8bit_quantizes_on_load_and_round_trips(tiny_dir, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
     with torch.no_grad():
         assert torch.equal(again(x).logits, model(x).logits)
+    # in bitsandbytes' config (what transformers + bitsandbytes load), and read back by qtune
+    qtune.export_bitsandbytes(model, tmp_path / "bnb")
+    import json
+
+    saved = json.loads((tmp_path / "bnb" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "bitsandbytes" and saved["load_in_8bit"] and not saved["load_in_4bit"]
+    back = qtune.from_pretrained(tmp_path / "bnb", device_map="cpu")
+    assert sum(isinstance(m, Linear8bit) for m in back.modules()) == 14
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
 
 
 def test_lora_trains_on_8bit_layers(tiny_dir):
@@ -57,3 +68,41 @@ def test_lora_trains_on_8bit_layers(tiny_dir):
     x = torch.tensor([[1] + [4 + (7 * i + j) % 90 for i in range(32)] for j in range(4)])
     losses = lora_losses(peft_model, x)
     assert losses[-1] < 0.85 * losses[0], losses
+
+
+@pytest.mark.gpu
+def test_logits_against_bitsandbytes_load_in_8bit(tmp_path):
+    """The same bf16 checkpoint loaded with bitsandbytes' load_in_8bit and with qtune's: identical
+    int8 weights and row scales, logits within 2e-2 relative (both decompose at threshold 6; the
+    matmul kernels and bitsandbytes' fp16 cast of the activations differ); each loads the other's
+    saved 8-bit checkpoint."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    from qtune.hf.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16, hidden=256)
+    theirs = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                  device_map={"": 0})
+    ours = AutoModelForCausalLM.from_pretrained(path, quantization_config=qtune.QuantConfig(load_in_8bit=True),
+                                                device_map={"": 0})
+    tb = {n: m for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    tq = {n: m for n, m in ours.named_modules() if isinstance(m, Linear8bit)}
+    assert tb.keys() == tq.keys() and tb
+    for n in tb:
+        assert torch.equal(tb[n].weight.data.cpu(), tq[n].weight.cpu()), n
+        assert torch.equal(tb[n].weight.SCB.float().cpu(), tq[n].SCB.float().cpu()), n
+    x = torch.randint(4, 99, (2, 48), device="cuda")
+    with torch.no_grad():
+        lb, lq = theirs(x).logits.float(), ours(x).logits.float()
+    print(f"\nload_in_8bit qtune vs bitsandbytes: logits rel diff {rel_err(lq, lb):.2e}")
+    assert rel_err(lq, lb) < 2e-2
+    theirs.save_pretrained(tmp_path / "bnb8")
+    back = qtune.from_pretrained(tmp_path / "bnb8", device_map={"": 0})
+    with torch.no_grad():
+        assert rel_err(back(x).logits.float(), lq) < 1e-6
+    qtune.export_bitsandbytes(ours, tmp_path / "ours8")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ours8", device_map={"": 0})
+    with torch.no_grad():
+        assert rel_err(again(x).logits.float(), lb) < 1e-6
