@@ -15,7 +15,7 @@ from .data import build_datasets, collate, pack
 from .distributed import Group
 from .loss import causal_lm_loss
 from .metrics import MetricsLogger
-from .model import load_model
+from .model import ensure_built, load_model
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 SCHEDULES = ("constant", "linear", "cosine")
@@ -113,6 +113,9 @@ def train(cfg, resolved: dict) -> dict:
     for name in ("micro_batch", "grad_accum", "seq_len", "log_every", "save_every", "eval_every", "keep_last"):
         if getattr(t, name) < 1:
             raise RunError(f"train.{name}={getattr(t, name)} must be at least 1")
+    # Before torch.distributed starts: once it runs, transformers saves on rank 0 only, and every
+    # rank (node) must be able to build its own copy of a generated model.
+    ensure_built(cfg.model)
     group = Group(t.strategy)
     if group.fsdp and t.precision == "fp16":
         raise RunError("train.strategy=fsdp does not support train.precision=fp16 (its loss scaler does not "

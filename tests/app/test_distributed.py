@@ -189,3 +189,11 @@ def test_strategy_errors():
     with pytest.raises(ValueError) as e:
         group.check_model(torch.nn.Sequential(Linear8bit(4, 4)), torch.device("cpu"))
     assert "8-bit base weights" in one_line(e)
+
+
+def test_ranks_build_the_generated_model_on_a_fresh_cache(tmp_path):
+    """torchrun on a machine that has never built the tiny model: every rank builds (or finds) it
+    before torch.distributed starts (afterwards transformers would save on rank 0 only)."""
+    done = train(tmp_path, "fresh", "train.max_steps=1", ranks=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "cache" / "tiny-llama-v3" / "config.json")
