@@ -28,6 +28,9 @@ MAX_BLOCKSIZE = 256
 # it is not dispatched.
 FWD_MAX_M = 32
 BWD_MAX_M = 0
+# The CUDA-core GEMV for the fewest rows: not dispatched until a sweep measures it faster.
+GEMV_MAX_M = 0
+GEMV_CONFIG = (4, 8, 512, 4, True)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, code table in memory
 
 
 @triton.jit
@@ -96,6 +99,51 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
         am = _absmax(stored, blk + kb, n_mask, nested_absmax_ptr, nested_code_ptr, offset, NESTED)
         acc += part * am[None, :]
         byte, xv, stored = byte_n, xv_n, stored_n
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(y, to_dtype_rne(acc, y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
+                 y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                 BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, LUT_IN_MEMORY: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Few rows of X on CUDA cores: each program reads BLOCK_N rows of W once, BLOCK_K values (several
+    absmax blocks, contiguous bytes) per step, for all BLOCK_M rows of X; float32 throughout. The
+    nibbles are looked up in registers (tl.gather) or, LUT_IN_MEMORY, in the 64-byte table through
+    L1 (one cache line: a warp's lookups are served at once; no pipelining to turn them into copies)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    hk = tl.arange(0, BLOCK_K // 2)
+    bk = tl.arange(0, BLOCK_K // BS)
+    blocks_per_row = K // BS
+    offset = tl.load(offset_ptr) if NESTED else 0.0
+    table = _table(code_ptr, BLOCK_N, 1, tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides K: only whole rows are masked (loads vectorize)
+        byte = tl.load(packed_ptr + rn.to(tl.int64)[:, None] * stride_wn + k0 // 2 + hk[None, :],
+                       mask=n_mask[:, None], other=0)
+        if LUT_IN_MEMORY:
+            b = byte.to(tl.int32)
+            hi, lo = tl.load(code_ptr + (b >> 4)), tl.load(code_ptr + (b & 15))
+        else:
+            hi, lo = _codes(table, byte, 1)  # (BLOCK_N, BLOCK_K / 2)
+        blk = rn.to(tl.int64)[:, None] * blocks_per_row + k0 // BS + bk[None, :]
+        am = _absmax(tl.load(absmax_ptr + blk, mask=n_mask[:, None], other=0), blk, n_mask[:, None],
+                     nested_absmax_ptr, nested_code_ptr, offset, NESTED)
+        for i in tl.static_range(BLOCK_M):  # each row of X against the decoded tile
+            r = tl.minimum(pid_m * BLOCK_M + i, M - 1)  # rows past M repeat the last; their stores are masked
+            xv = tl.load(x_ptr + r.to(tl.int64) * stride_xm + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
+            xe, xo = tl.split(xv.reshape(BLOCK_K // 2, 2))
+            prod = hi * xe[None, :] + lo * xo[None, :]
+            part = tl.sum(prod.reshape(BLOCK_N, BLOCK_K // BS, BS // 2), axis=2)  # per absmax block
+            row = tl.sum(part * am, axis=1)
+            acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, row[None, :], 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
@@ -178,6 +226,8 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     dtype viewed as bytes; absmax float32, or uint8 codes with nested = (nested_absmax,
     nested_code, offset)."""
     M, K = x.shape
+    if config is None and M <= GEMV_MAX_M:
+        return gemv(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     bm, bn, warps, stages = config or _config(M, x.dtype)
     dot, precision = _dot_dtype(x.dtype)
@@ -187,6 +237,27 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
                       bias if bias is not None else x, y, M, N, K, x.stride(0), y.stride(0),
                       BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, DOT=dot,
                       PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return y
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, N: int, blocksize: int,
+         nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None = None,
+         config: tuple[int, int, int, int, bool] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """As `forward`, on CUDA cores for few rows; config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    code table in memory)."""
+    M, K = x.shape
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    bm, bn, bk, warps, lut_mem = config or GEMV_CONFIG
+    bm = min(bm, triton.next_power_of_2(M))
+    bk = max(bk, blocksize)
+    while K % bk:  # the largest power of two <= bk that divides K (blocksize does)
+        bk //= 2
+    na, nc, off = _nested_args(absmax, nested)
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    _gemv_kernel[grid](x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
+                       bias if bias is not None else x, y, M, N, K, x.stride(0), K // 2, y.stride(0),
+                       BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT_IN_MEMORY=lut_mem,
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1)
     return y
 
 

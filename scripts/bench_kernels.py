@@ -83,13 +83,16 @@ def bench_matmul(rows: list) -> None:
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             t_q = bench(lambda: q(x))
-            t_k = bench(lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors))
+            t_k = bench(lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors,
+                                           config=_config_for(m))) if m <= 256 else None
+            t_g = bench(lambda: mm.gemv(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors)) if m <= 16 else None
             t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
             t_b = bench(lambda: b(x))
             t_f = bench(lambda: lin(x))
-        rows.append({"op": "forward", "M": m, "qtune_ms": t_q, "fused_ms": t_k, "dequant_cublas_ms": t_d,
-                     "bnb_ms": t_b, "bf16_ms": t_f})
-        print(f"forward M={m:5}: qtune {t_q * 1e3:7.1f} us (fused {t_k * 1e3:7.1f}, dequantize+cuBLAS "
+        rows.append({"op": "forward", "M": m, "qtune_ms": t_q, "fused_ms": t_k, "gemv_ms": t_g,
+                     "dequant_cublas_ms": t_d, "bnb_ms": t_b, "bf16_ms": t_f})
+        alt = (f"gemv {t_g * 1e3:7.1f}, " if t_g else "") + (f"fused {t_k * 1e3:7.1f}, " if t_k else "")
+        print(f"forward M={m:5}: qtune {t_q * 1e3:7.1f} us ({alt}dequantize+cuBLAS "
               f"{t_d * 1e3:7.1f}), bitsandbytes {t_b * 1e3:7.1f} us, bf16 {t_f * 1e3:7.1f} us "
               f"-> {t_b / t_q:.2f}x bitsandbytes, {t_f / t_q:.2f}x bf16")
     for m in (1, 16, 4096):  # forward + input gradient
@@ -114,8 +117,45 @@ def _candidates(m: int) -> list[tuple[int, int, int, int]]:
             if bm * bn <= 256 * 128 and not (bm >= 128 and bn < 64)]
 
 
+def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, bool]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, code table in memory) for the CUDA-core GEMV."""
+    bm = min(m, 8)
+    return ([(bm, bn, bk, w, True) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (2, 4)]
+            + [(bm, bn, 512, 4, False) for bn in (8, 16)])
+
+
+def sweep_gemv(rows: list) -> None:
+    """The GEMV's launch configs at few rows, against the tiled fused kernel and dequantize + cuBLAS."""
+    _, q, _ = layers()
+    s = q.quant_state
+    for m in (1, 2, 4, 8, 16):
+        x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+        want = mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=_config_for(m)).float()
+        t_k = bench(lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=_config_for(m)))
+        t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
+        best = (1e9, None)
+        for cfg in _gemv_candidates(m):
+            try:
+                y = mm.gemv(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg)
+                assert ((y.float() - want).norm() / want.norm()) < 2e-2, cfg
+                t = do_bench(lambda: mm.gemv(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg),
+                             warmup=10, rep=40, return_mode="median")
+            except Exception as e:  # out of resources
+                print(f"  gemv M={m} {cfg}: {type(e).__name__} {e}", file=sys.stderr)
+                continue
+            best = min(best, (t, cfg))
+        rows.append({"op": "sweep_gemv", "M": m, "best": best, "tiled_ms": t_k, "dequant_cublas_ms": t_d})
+        print(f"M={m:4}: gemv best {best[0] * 1e3:6.1f} us {best[1]} vs tiled fused {t_k * 1e3:6.1f} us, "
+              f"dequantize+cuBLAS {t_d * 1e3:6.1f} us", flush=True)
+
+
+def _config_for(m: int):
+    return mm._config(m, torch.bfloat16)
+
+
 def sweep(rows: list) -> None:
     """Launch configs of the fused kernels against dequantize + cuBLAS, per M."""
+    sweep_gemv(rows)
     _, q, _ = layers()
     s = q.quant_state
     for m in (1, 16, 32, 64, 128, 256, 512):

@@ -43,6 +43,12 @@ def main() -> None:
             c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "DOT": dot, "PRECISION": prec, "BLOCK_M": bm,
                  "BLOCK_N": bn}
             print(f"fwd sm_{arch} {dt} nested={nested} {bm}x{bn}: {compile_one(mm._fwd_kernel, sig, c, arch, w, st)}")
+        sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32",
+               "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
+        for bm, bn, bk, w, lut in ((1, 4, 512, 2, True), (4, 8, 512, 4, False), (8, 16, 1024, 4, True)):
+            c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "LUT_IN_MEMORY": lut, "BLOCK_M": bm, "BLOCK_N": bn,
+                 "BLOCK_K": bk}
+            print(f"gemv sm_{arch} {dt} nested={nested} {bm}x{bn}x{bk}: {compile_one(mm._gemv_kernel, sig, c, arch, w)}")
         sig = {"dy_ptr": P[dt], **common, "dx_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32",
                "stride_dxm": "i32"}
         c = {"BS": 64, "NESTED": nested, "DOT": dot, "PRECISION": prec, "BLOCK_M": 16, "BLOCK_N": 64}

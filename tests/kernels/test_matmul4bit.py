@@ -41,6 +41,10 @@ def test_kernels_match_reference(M, N, K, quant_type, blocksize, double_quant, d
     y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
     mm.forward(x, packed, state.absmax, state.code, N, blocksize, state.nested_tensors, bias, out=y)
     assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[dtype]
+    for config in ((4, 8, 512, 4, True), (2, 16, 128, 2, False)):  # the CUDA-core GEMV
+        y.fill_(float("nan"))
+        mm.gemv(x, packed, state.absmax, state.code, N, blocksize, state.nested_tensors, bias, config=config, out=y)
+        assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[dtype], config
     dx = torch.full((M, K), float("nan"), dtype=dtype, device=DEVICE)
     mm.backward(dy, packed, state.absmax, state.code, K, blocksize, state.nested_tensors, out=dx)
     assert rel_err(dx, dy.float() @ W) < BOUND[dtype]
@@ -81,7 +85,8 @@ def _check_linear(q, W, b, M, dtype, lead=()):
 @pytest.mark.parametrize("blocksize", [64, 4096])  # 4096: not fused, dequantize + matmul
 def test_linear4bit_dispatch(monkeypatch, M, blocksize):
     monkeypatch.setenv("QTUNE_BACKEND", "triton")
-    monkeypatch.setattr(mm, "FWD_MAX_M", 16)  # both kernels and both fallbacks, whatever the measured thresholds
+    monkeypatch.setattr(mm, "GEMV_MAX_M", 2)  # every kernel and both fallbacks, whatever the measured thresholds
+    monkeypatch.setattr(mm, "FWD_MAX_M", 16)
     monkeypatch.setattr(mm, "BWD_MAX_M", 16)
     q, W, b = _linear(48, 128 if blocksize == 64 else 4096, torch.float16, blocksize)
     _check_linear(q, W, b, M, torch.float16, lead=(2,))
@@ -103,6 +108,9 @@ def test_kernels_real_sizes(M):
     x = torch.randn(M, 5120, device=DEVICE, dtype=torch.bfloat16)
     y = torch.full((M, 13824), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     mm.forward(x, packed, state.absmax, state.code, 13824, 64, state.nested_tensors, out=y)
+    assert rel_err(y, x.float() @ W.T) < BOUND[torch.bfloat16]
+    y.fill_(float("nan"))
+    mm.gemv(x, packed, state.absmax, state.code, 13824, 64, state.nested_tensors, out=y)
     assert rel_err(y, x.float() @ W.T) < BOUND[torch.bfloat16]
     dy = torch.randn(M, 13824, device=DEVICE, dtype=torch.bfloat16)
     dx = torch.full((M, 5120), float("nan"), dtype=torch.bfloat16, device=DEVICE)
