@@ -67,9 +67,9 @@ def _codes(table, byte, AXIS: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
-                y_ptr, M, N, K, stride_xm, stride_ym,
+                y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                 BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                PRECISION: tl.constexpr, LUT_IN_MEMORY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)  # N fastest: programs that share X run together
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,7 +77,7 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
     h = tl.arange(0, BS // 2)
     m_mask, n_mask = rm < M, rn < N
     x_offs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BS)[None, :]
-    w_cols = rn.to(tl.int64)[None, :] * (K // 2) + h[:, None]  # (BS/2, BLOCK_N) byte offsets
+    w_cols = rn.to(tl.int64)[None, :] * stride_wn + h[:, None]  # (BS/2, BLOCK_N) byte offsets
     blocks_per_row = K // BS
     blk = rn.to(tl.int64) * blocks_per_row
     offset = tl.load(offset_ptr) if NESTED else 0.0
@@ -93,7 +93,11 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
         xv_n = tl.load(x_offs + kn * BS, mask=m_mask[:, None], other=0.0)
         stored_n = tl.load(absmax_ptr + blk + kn, mask=n_mask, other=0)
         xe, xo = tl.split(xv.reshape(BLOCK_M, BS // 2, 2))  # even and odd columns of X
-        hi, lo = _codes(table, byte, 0)
+        if LUT_IN_MEMORY:  # through L1 (launched unpipelined, so the lookups stay loads)
+            b = byte.to(tl.int32)
+            hi, lo = tl.load(code_ptr + (b >> 4)).to(DOT), tl.load(code_ptr + (b & 15)).to(DOT)
+        else:
+            hi, lo = _codes(table, byte, 0)
         part = tl.dot(xe.to(DOT), hi, input_precision=PRECISION)
         part = tl.dot(xo.to(DOT), lo, part, input_precision=PRECISION)
         am = _absmax(stored, blk + kb, n_mask, nested_absmax_ptr, nested_code_ptr, offset, NESTED)
@@ -203,16 +207,17 @@ def _dot_dtype(dtype: torch.dtype):
     return _TL[dtype], "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by the number of rows (scripts/bench_kernels.py --sweep);
-    float32 tiles stay small enough for sm_75's 64 KiB of shared memory."""
+def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, code table in memory) by the number of rows
+    (scripts/bench_kernels.py --sweep); float32 tiles stay small enough for sm_75's 64 KiB of shared
+    memory."""
     if M <= 16:
-        return 16, 32, 4, 4
+        return 16, 32, 4, 4, False
     if M <= 32:
-        return 32, 64, 4, 3
+        return 32, 64, 4, 3, False
     if M <= 64 or dtype == torch.float32:
-        return 64, 64, 4, 3
-    return 128, 128, 8, 3
+        return 64, 64, 4, 3, False
+    return 128, 128, 8, 3, False
 
 
 def _nested_args(absmax, nested):
@@ -229,14 +234,15 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     if config is None and M <= GEMV_MAX_M:
         return gemv(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    bm, bn, warps, stages = config or _config(M, x.dtype)
+    bm, bn, warps, stages, lut_mem = config or _config(M, x.dtype)
     dot, precision = _dot_dtype(x.dtype)
     na, nc, off = _nested_args(absmax, nested)
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
     _fwd_kernel[grid](x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
-                      bias if bias is not None else x, y, M, N, K, x.stride(0), y.stride(0),
+                      bias if bias is not None else x, y, M, N, K, x.stride(0), K // 2, y.stride(0),
                       BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, DOT=dot,
-                      PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                      PRECISION=precision, LUT_IN_MEMORY=lut_mem, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                      num_stages=1 if lut_mem else stages)
     return y
 
 
@@ -267,7 +273,7 @@ def backward(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
     """dy (M, N, unit stride along N) @ deq(W) -> (M, K) in dy's dtype."""
     M, N = dy.shape
     dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
-    bm, bn, warps, stages = config or _config(M, dy.dtype)
+    bm, bn, warps, stages = (config or _config(M, dy.dtype))[:4]
     dot, precision = _dot_dtype(dy.dtype)
     na, nc, off = _nested_args(absmax, nested)
     grid = (K // blocksize, triton.cdiv(M, bm))

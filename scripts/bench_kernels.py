@@ -108,13 +108,15 @@ def bench_matmul(rows: list) -> None:
               f"{times['bf16'] / times['qtune']:.2f}x bf16")
 
 
-def _candidates(m: int) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) to try at m rows."""
+def _candidates(m: int) -> list[tuple[int, int, int, int, bool]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, code table in memory) to try at m rows."""
     if m <= 16:
-        return [(16, bn, 4, st) for bn in (16, 32, 64, 128) for st in (3, 4, 6)]
+        return [(16, bn, 4, st, False) for bn in (16, 32, 64, 128) for st in (3, 4)] + \
+            [(16, bn, w, 1, True) for bn in (32, 64) for w in (4, 8)]
     bms = {32: (32,), 64: (64,), 128: (64, 128)}.get(m, (128, 256))
-    return [(bm, bn, w, st) for bm in bms for bn in (32, 64, 128) for w in (4, 8) for st in (3, 4)
-            if bm * bn <= 256 * 128 and not (bm >= 128 and bn < 64)]
+    return [(bm, bn, w, st, False) for bm in bms for bn in (32, 64, 128) for w in (4, 8) for st in (3, 4)
+            if bm * bn <= 256 * 128 and not (bm >= 128 and bn < 64)] + \
+        [(bm, 64, 4, 1, True) for bm in bms]
 
 
 def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, bool]]:

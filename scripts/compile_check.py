@@ -39,9 +39,9 @@ def main() -> None:
                   "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32"}
         for bm, bn, w, st in ((16, 32, 4, 4), (64, 64, 4, 3), (128, 128, 8, 3)):
             sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32",
-                   "stride_xm": "i32", "stride_ym": "i32"}
-            c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "DOT": dot, "PRECISION": prec, "BLOCK_M": bm,
-                 "BLOCK_N": bn}
+                   "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
+            c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "DOT": dot, "PRECISION": prec,
+                 "LUT_IN_MEMORY": bm == 64, "BLOCK_M": bm, "BLOCK_N": bn}
             print(f"fwd sm_{arch} {dt} nested={nested} {bm}x{bn}: {compile_one(mm._fwd_kernel, sig, c, arch, w, st)}")
         sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
