@@ -3,7 +3,8 @@
     python scripts/bench_multigpu.py [--gpus 2] [--steps 20] [--seq 1024] [--layers 4] [--work DIR]
 
 Model: Llama-2-13B's shape with `--layers` (4) decoder layers, random bf16 weights
-(scripts/make_random_model.py), built once under the work directory ($OUT, else /tmp/bench_multigpu).
+(scripts/make_random_model.py), built once under $QTUNE_CACHE/bench; results and logs go to the work
+directory ($OUT, else /tmp/bench_multigpu).
 Each run is `python -m qtune.train recipe=llama2_7b` with that model: NF4 + double quant, bf16
 compute, LoRA r=16 on all linear layers, 8-bit AdamW, gradient checkpointing, packed sequences of
 `--seq` tokens, micro-batch 1 per GPU, grad_accum 1, `--steps` steps; first on one GPU, then
@@ -39,8 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_model(work: str, layers: int) -> str:
-    path = os.path.join(work, f"llama2-13b-random-L{layers}")
+def ensure_model(layers: int) -> str:
+    """The random model, built once under $QTUNE_CACHE/bench (not the work directory: that may be $OUT,
+    which should carry back results, not 3 GB of weights)."""
+    cache = os.path.join(os.environ.get("QTUNE_CACHE", os.path.expanduser("~/.cache/qtune")), "bench")
+    path = os.path.join(cache, f"llama2-13b-random-L{layers}-bf16")
     if not os.path.isfile(os.path.join(path, "config.json")):
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_random_model.py"), "--shape",
                         "llama2-13b", "--layers", str(layers), "--dtype", "bfloat16", "--out", path], check=True)
@@ -87,9 +91,13 @@ def run(name: str, gpus: int, strategy: str, model: str, data: str, a, work: str
     print(f"== {name}: {gpus} GPU(s), strategy={strategy}", flush=True)
     done = subprocess.run([*launch, "-m", "qtune.train", *args], env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
-    if done.returncode != 0:
-        print(done.stdout[-3000:], done.stderr[-6000:], sep="\n")
-        raise SystemExit(f"{name} failed (exit {done.returncode})")
+    if done.returncode != 0:  # the whole output to a log beside the results; the tail here; go on
+        log = os.path.join(work, f"{name}.log")
+        with open(log, "w") as f:
+            f.write(done.stdout + "\n" + done.stderr)
+        errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
+        print(f"   FAILED (exit {done.returncode}); full output in {log}; errors: {errors[-3:]}", flush=True)
+        return {"name": name, "gpus": gpus, "strategy": strategy, "error": errors[-3:], "log": log}
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steady, whole = steady_tokens_per_s(recs)
     mem = next(r for r in reversed(recs) if "rank_model_bytes" in r)
@@ -120,14 +128,16 @@ def main() -> None:
 
     os.makedirs(a.work, exist_ok=True)
     t0 = time.time()
-    model, data = a.model or ensure_model(a.work, a.layers), ensure_data(a.work)
+    model, data = a.model or ensure_model(a.layers), ensure_data(a.work)
     print(f"model + data ready in {time.time() - t0:.0f} s", flush=True)
-    results = []
+    results, failed = [], []
     if "one" in a.only:
         results.append(run("one_gpu", 1, "ddp", model, data, a, a.work))
     for strategy in ("ddp", "fsdp"):
         if strategy in a.only:
             results.append(run(f"{strategy}_{a.gpus}gpu", a.gpus, strategy, model, data, a, a.work))
+    failed = [r for r in results if "error" in r]
+    results = [r for r in results if "error" not in r]
     one = next((r for r in results if r["gpus"] == 1), None)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"\n{device} x {a.gpus}, torch {torch.__version__}; Llama-2-13B shape, "
@@ -155,8 +165,10 @@ def main() -> None:
     path = os.path.join(a.work, "bench_multigpu.json")
     with open(path, "w") as f:
         json.dump({"device": device, "torch": torch.__version__, "args": vars(a),
-                   "results": results}, f, indent=1)
+                   "results": results, "failed": failed}, f, indent=1)
     print(f"wrote {path}; total {time.time() - t0:.0f} s")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(r['name'] for r in failed)}")
 
 
 if __name__ == "__main__":
