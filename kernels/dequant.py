@@ -14,22 +14,24 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 
 
 @triton.jit
-def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, n,
+def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, n, n_blocks,
                      nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT: tl.constexpr, BYTES: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT: tl.constexpr, NB: tl.constexpr):
+    """NB whole blocks per program, as rows: each block's absmax is loaded (and decoded) once, not
+    once per byte."""
+    rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    b = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
     byte = tl.load(packed_ptr + b, mask=b < n_bytes, other=0).to(tl.int32)
-    block = (2 * b) // BLOCKSIZE  # both values of a byte share a block (blocksizes are even)
     if NESTED:  # code[q] * nested_absmax + offset, as the reference decodes it
-        q = tl.load(absmax_ptr + block, mask=b < n_bytes, other=0).to(tl.int32)
-        am = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // 256, mask=b < n_bytes, other=0.0)
+        q = tl.load(absmax_ptr + rows, mask=rows < n_blocks, other=0).to(tl.int32)
+        am = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + rows // 256, mask=rows < n_blocks, other=0.0)
         am = am + tl.load(offset_ptr)
     else:
-        am = tl.load(absmax_ptr + block, mask=b < n_bytes, other=0.0)
-    hi = tl.load(code_ptr + (byte >> 4)) * am
-    lo = tl.load(code_ptr + (byte & 15)) * am
-    vals = tl.join(hi, lo).reshape(2 * BYTES)  # element 2i from the high nibble, 2i + 1 from the low
-    e = tl.program_id(0).to(tl.int64) * 2 * BYTES + tl.arange(0, 2 * BYTES)
+        am = tl.load(absmax_ptr + rows, mask=rows < n_blocks, other=0.0)
+    hi = tl.load(code_ptr + (byte >> 4)) * am[:, None]
+    lo = tl.load(code_ptr + (byte & 15)) * am[:, None]
+    vals = tl.join(hi, lo).reshape(NB, BLOCKSIZE)  # element 2i from the high nibble, 2i + 1 from the low
+    e = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + e, to_dtype_rne(vals, OUT), mask=e < n)
 
 
@@ -44,10 +46,10 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         n *= s
     flat = packed.view(torch.uint8).reshape(-1)
     out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
-    n_bytes = (n + 1) // 2
-    grid = (triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)
+    n_bytes, n_blocks = (n + 1) // 2, -(-n // blocksize)
+    nb = max(1, 2 * BYTES_PER_PROGRAM // blocksize)
+    grid = (triton.cdiv(n_blocks, nb),)
     na, nc, off = nested if nested is not None else (absmax, code, absmax)
-    _dequant4_kernel[grid](flat, absmax, code, out, n_bytes, n, na, nc, off, BLOCKSIZE=blocksize,
-                           NESTED=nested is not None, OUT=_TL[dtype], BYTES=BYTES_PER_PROGRAM,
-                           enable_fp_fusion=False)
+    _dequant4_kernel[grid](flat, absmax, code, out, n_bytes, n, n_blocks, na, nc, off, BLOCKSIZE=blocksize,
+                           NESTED=nested is not None, OUT=_TL[dtype], NB=nb, enable_fp_fusion=False)
     return out
