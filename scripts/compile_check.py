@@ -13,6 +13,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from qtune.kernels import dequant as dq
 from qtune.kernels import matmul4bit as mm
 from qtune.kernels import quantize as kq
 
@@ -58,6 +59,13 @@ def main() -> None:
         for fp4 in (False, True):
             c = {"FP4": fp4, "BLOCKSIZE": 64, "NB": 32}
             print(f"quant4 sm_{arch} {dt} fp4={fp4}: {compile_one(kq._quant4_kernel, sig, c, arch)}")
+    for dt, nested in itertools.product((tl.bfloat16, tl.float16, tl.float32), (True, False)):
+        sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32", "out_ptr": P[dt],
+               "n_bytes": "i64", "n": "i64", "n_blocks": "i64", "nested_absmax_ptr": "*fp32",
+               "nested_code_ptr": "*fp32", "offset_ptr": "*fp32"}
+        for bs in (64, 4096):
+            c = {"BLOCKSIZE": bs, "NESTED": nested, "OUT": dt, "NB": max(1, 2048 // bs)}
+            print(f"dequant sm_90 {dt} nested={nested} bs={bs}: {compile_one(dq._dequant4_kernel, sig, c, 90)}")
     sig = {"x_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "q_ptr": "*u8", "absmax_ptr": "*fp32",
            "n": "i32"}
     print(f"quant8 sm_90: {compile_one(kq._quant8_kernel, sig, {'BLOCKSIZE': 256}, 90)}")
