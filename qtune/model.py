@@ -35,6 +35,7 @@ def load_model(cfg, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hf import QuantConfig, prepare_for_training
+    from .hf.training import keep_adapter_inputs
     from .hf.config import parse_dtype
     from .quant.codes import FLOAT_DTYPES
 
@@ -61,4 +62,7 @@ def load_model(cfg, device: torch.device):
                       target_modules="all-linear" if targets == ["all-linear"] else targets,
                       modules_to_save=list(cfg.lora.modules_to_save) if cfg.lora.modules_to_save else None,
                       task_type="CAUSAL_LM")
-    return get_peft_model(model, lora), tokenizer
+    model = get_peft_model(model, lora)
+    if device.type == "cuda" and cfg.train.precision in ("bf16", "fp16"):  # the loop runs under autocast
+        keep_adapter_inputs(model)
+    return model, tokenizer

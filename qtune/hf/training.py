@@ -24,3 +24,14 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True, 
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model
+
+
+def keep_adapter_inputs(model: nn.Module) -> int:
+    """For training under autocast: LoRA layers take their input as it comes. peft casts it to the
+    adapters' float32 first, and autocast casts it straight back for the matmul: two copies of the
+    activations per adapter call (and two more in backward) for the same product. Not for use
+    without autocast when the adapters' dtype differs from the activations'. Returns the layers set."""
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return len(layers)

@@ -94,3 +94,29 @@ def test_generate_with_lora(tiny_dir):
     peft_model = get_peft_model(load(tiny_dir("opt")), LoraConfig(r=4, target_modules="all-linear"))
     out = peft_model.generate(input_ids=batch()[:1, :8], max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 13)
+
+
+def test_adapter_inputs_kept_under_autocast(tiny_dir):
+    """keep_adapter_inputs skips peft's cast of each LoRA input to float32 (which autocast undoes):
+    under bf16 autocast the loss and the LoRA gradients are the same."""
+    from qtune.hf.training import keep_adapter_inputs
+
+    path = tiny_dir("llama")
+
+    def run(keep: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        model = get_peft_model(qtune.prepare_for_training(model, gradient_checkpointing=False),
+                               LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+        if keep:
+            assert keep_adapter_inputs(model) == 14
+        x = torch.randint(4, 99, (2, 24))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])
+        return float(loss), grads
+
+    loss_cast, g_cast = run(False)
+    loss_kept, g_kept = run(True)
+    assert loss_kept == loss_cast and rel_err(g_kept, g_cast) < 1e-6
