@@ -145,15 +145,16 @@ class Group:
             rec["rank_peak_gpu_mem_gib"] = self.gather(torch.cuda.max_memory_allocated(device) / 2**30)
         return rec
 
-    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
-        """Clip the gradients' global norm to max_norm; the norm before clipping. Sharded (DTensor)
-        gradients give a partial norm per rank, made whole with one all-reduce."""
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip the gradients' global norm to max_norm; the norm before clipping, as a 0-d tensor
+        (read it only when logging: no host sync per step). Sharded (DTensor) gradients give a partial
+        norm per rank, made whole with one all-reduce."""
         grads = [p.grad for p in params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads)
         if isinstance(total, DTensor):
             total = total.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return float(total)
+        return total
 
     def average_grads(self, params: list[torch.Tensor]) -> None:
         """ddp: mean of the gradients over ranks, in one flat all-reduce (fsdp: FSDP's

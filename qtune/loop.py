@@ -88,7 +88,12 @@ class Batches:
 
 
 def _to(batch: dict, device, dtype) -> dict:
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else None) for k, v in batch.items()}
+    """The batch on `device`; to a GPU through pinned memory without blocking (a copy from pageable
+    memory would make the host wait for the GPU's queue to drain)."""
+    cuda = device.type == "cuda"
+    return {k: (v.pin_memory() if cuda else v).to(device=device, non_blocking=cuda,
+                                                  dtype=dtype if v.is_floating_point() and dtype else None)
+            for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -198,16 +203,17 @@ def train(cfg, resolved: dict) -> dict:
 
     try:
         while step < total:
-            loss_sum, n_tok = 0.0, 0
+            loss_sum, n_tok = None, 0  # the losses stay on the device: one host sync per step, not per micro-batch
             for _ in range(t.grad_accum):
-                batch = _to(batches.get(position * group.world + group.rank), device, None)
+                batch = batches.get(position * group.world + group.rank)
+                n_tok += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 else batch["input_ids"].numel()
+                batch = _to(batch, device, None)
                 position += 1
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss = causal_lm_loss(model, batch)
                 scaler.scale(loss / t.grad_accum).backward()
-                loss_sum += float(loss.detach())
-                n_tok += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 else batch["input_ids"].numel()
-            loss_val = group.mean(loss_sum / t.grad_accum)
+                loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach().double()
+            loss_val = group.mean(float(loss_sum) / t.grad_accum)
             tokens_seen += n_tok * group.world
             group.average_grads(params)
             if not math.isfinite(loss_val):
@@ -243,7 +249,7 @@ def train(cfg, resolved: dict) -> dict:
                 rec = {"step": step, "loss": loss_val, "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
                 if grad_norm is not None:
-                    rec["grad_norm"] = grad_norm
+                    rec["grad_norm"] = float(grad_norm)
                 if device.type == "cuda":
                     rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 log(rec)
