@@ -66,6 +66,27 @@ def _codes(table, byte, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _lookup(code_ptr, table, byte, AXIS: tl.constexpr, LUT_IN_MEMORY: tl.constexpr, DOT: tl.constexpr):
+    """The two values of each byte: from the 64-byte code table through L1 (kernels launched
+    unpipelined, so the lookups stay loads), or from registers."""
+    if LUT_IN_MEMORY:
+        b = byte.to(tl.int32)
+        hi, lo = tl.load(code_ptr + (b >> 4)).to(DOT), tl.load(code_ptr + (b & 15)).to(DOT)
+    else:
+        hi, lo = _codes(table, byte, AXIS)
+    return hi, lo
+
+
+@triton.jit
+def _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS: tl.constexpr):
+    """acc (+ bias) rounded to the output's dtype, rows rm and columns rn."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(y, to_dtype_rne(acc, y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
                 y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                 BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
@@ -93,20 +114,13 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
         xv_n = tl.load(x_offs + kn * BS, mask=m_mask[:, None], other=0.0)
         stored_n = tl.load(absmax_ptr + blk + kn, mask=n_mask, other=0)
         xe, xo = tl.split(xv.reshape(BLOCK_M, BS // 2, 2))  # even and odd columns of X
-        if LUT_IN_MEMORY:  # through L1 (launched unpipelined, so the lookups stay loads)
-            b = byte.to(tl.int32)
-            hi, lo = tl.load(code_ptr + (b >> 4)).to(DOT), tl.load(code_ptr + (b & 15)).to(DOT)
-        else:
-            hi, lo = _codes(table, byte, 0)
+        hi, lo = _lookup(code_ptr, table, byte, 0, LUT_IN_MEMORY, DOT)
         part = tl.dot(xe.to(DOT), hi, input_precision=PRECISION)
         part = tl.dot(xo.to(DOT), lo, part, input_precision=PRECISION)
         am = _absmax(stored, blk + kb, n_mask, nested_absmax_ptr, nested_code_ptr, offset, NESTED)
         acc += part * am[None, :]
         byte, xv, stored = byte_n, xv_n, stored_n
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-    tl.store(y, to_dtype_rne(acc, y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -132,11 +146,7 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
     for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides K: only whole rows are masked (loads vectorize)
         byte = tl.load(packed_ptr + rn.to(tl.int64)[:, None] * stride_wn + k0 // 2 + hk[None, :],
                        mask=n_mask[:, None], other=0)
-        if LUT_IN_MEMORY:
-            b = byte.to(tl.int32)
-            hi, lo = tl.load(code_ptr + (b >> 4)), tl.load(code_ptr + (b & 15))
-        else:
-            hi, lo = _codes(table, byte, 1)  # (BLOCK_N, BLOCK_K / 2)
+        hi, lo = _lookup(code_ptr, table, byte, 1, LUT_IN_MEMORY, tl.float32)  # (BLOCK_N, BLOCK_K / 2)
         blk = rn.to(tl.int64)[:, None] * blocks_per_row + k0 // BS + bk[None, :]
         am = _absmax(tl.load(absmax_ptr + blk, mask=n_mask[:, None], other=0), blk, n_mask[:, None],
                      nested_absmax_ptr, nested_code_ptr, offset, NESTED)
@@ -148,10 +158,7 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
             part = tl.sum(prod.reshape(BLOCK_N, BLOCK_K // BS, BS // 2), axis=2)  # per absmax block
             row = tl.sum(part * am, axis=1)
             acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, row[None, :], 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-    tl.store(y, to_dtype_rne(acc, y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
 
 
 @triton.jit
