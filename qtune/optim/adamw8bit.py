@@ -77,6 +77,7 @@ class _Plan:
     backend: str
     n: int  # parameters in the group
     fast: bool  # every parameter has a gradient and all go to the kernel
+    sharded: bool  # some parameters are DTensors (stepped on their local shards)
     rest: list[torch.Tensor]  # stepped by the reference
     buckets: list[_Bucket]
 
@@ -184,7 +185,9 @@ class Adam8bit(torch.optim.Optimizer):
             plan = self._plans.get(gi)
             if plan is not None and plan.fast and plan.backend == backend and plan.n == len(group["params"]):
                 try:  # the common case: every parameter has a gradient and goes to the kernel
-                    g_addrs = [_local(p.grad).data_ptr() for p in group["params"]]
+                    ps = group["params"]
+                    g_addrs = ([_local(p.grad).data_ptr() for p in ps] if plan.sharded  # no per-tensor check
+                               else [p.grad.data_ptr() for p in ps])                      # on the hot path
                 except AttributeError:  # a gradient is None: work out the layout again
                     pass
                 else:
@@ -202,6 +205,7 @@ class Adam8bit(torch.optim.Optimizer):
                 fused_ids = set(map(id, fused))
                 plan = _Plan(key=key, backend=backend, n=len(group["params"]),
                              fast=len(fused) == len(params) == len(group["params"]),
+                             sharded=any(isinstance(p, DTensor) for p in params),
                              rest=[p for p in params if id(p) not in fused_ids],
                              buckets=self._build_buckets(fused) if fused else [])
                 self._plans[gi] = plan
