@@ -15,9 +15,8 @@ from .data import build_datasets, collate, pack
 from .distributed import Group
 from .loss import causal_lm_loss
 from .metrics import MetricsLogger
-from .model import ensure_built, load_model
+from .model import PRECISIONS, autocast_dtype_for, ensure_built, load_model
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw8bit", "adam8bit", "adamw")
 
@@ -110,6 +109,23 @@ def evaluate(model, items: list, micro_batch: int, pad_id: int, device, autocast
     return total / max(tokens, 1)
 
 
+def apply_update(group: Group, params: list, optimizer, scaler, scheduler, max_grad_norm: float,
+                 finite: bool) -> torch.Tensor | None:
+    """The update once a step's gradients are in (and averaged): unscale (fp16), clip, step, then
+    zero the gradients and advance the schedule. A non-finite loss skips the step (under fp16 the
+    scaler skips it and lowers its scale). Returns the norm before clipping, a 0-d tensor, or None."""
+    grad_norm = None
+    if finite or scaler.is_enabled():
+        scaler.unscale_(optimizer)
+        if max_grad_norm > 0:
+            grad_norm = group.clip_grad_norm(params, max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm
+
+
 def train(cfg, resolved: dict) -> dict:
     """Run a training job described by the resolved config; returns a summary."""
     t = cfg.train
@@ -136,7 +152,7 @@ def train(cfg, resolved: dict) -> dict:
 
     model, tokenizer = load_model(cfg, device)
     train_ex, eval_ex = build_datasets(cfg.data, tokenizer, t.seq_len, t.seed)
-    autocast_dtype = PRECISIONS[t.precision] if device.type == "cuda" else None
+    autocast_dtype = autocast_dtype_for(t.precision, device)
     mask_dtype = autocast_dtype or torch.float32
     train_items = pack(train_ex, t.seq_len) if cfg.data.packing else train_ex
     eval_items = pack(eval_ex, t.seq_len) if cfg.data.packing else eval_ex
@@ -206,7 +222,8 @@ def train(cfg, resolved: dict) -> dict:
             loss_sum, n_tok = None, 0  # the losses stay on the device: one host sync per step, not per micro-batch
             for _ in range(t.grad_accum):
                 batch = batches.get(position * group.world + group.rank)
-                n_tok += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 else batch["input_ids"].numel()
+                mask = batch["attention_mask"]  # still on the CPU: counting costs no host sync
+                n_tok += int(mask.sum()) if mask.dim() == 2 else batch["input_ids"].numel()
                 batch = _to(batch, device, None)
                 position += 1
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -227,15 +244,8 @@ def train(cfg, resolved: dict) -> dict:
                                        f"or check the data")
             else:
                 bad_steps = 0
-            grad_norm = None
-            if math.isfinite(loss_val) or scaler.is_enabled():
-                scaler.unscale_(optimizer)
-                if cfg.optim.max_grad_norm > 0:
-                    grad_norm = group.clip_grad_norm(params, cfg.optim.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            grad_norm = apply_update(group, params, optimizer, scaler, scheduler, cfg.optim.max_grad_norm,
+                                     math.isfinite(loss_val))
             step += 1
             bar.update(1)
             if math.isfinite(loss_val):

@@ -8,6 +8,14 @@ import tempfile
 
 import torch
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype a run computes in under autocast (CUDA only), or None for no autocast."""
+    return PRECISIONS[precision] if device.type == "cuda" else None
+
+
 def ensure_built(cfg) -> None:
     """For model.build (e.g. "tiny-llama"), create the model directory once, atomically."""
     if cfg.build is None or os.path.isfile(os.path.join(cfg.name, "config.json")):
@@ -63,6 +71,6 @@ def load_model(cfg, device: torch.device):
                       modules_to_save=list(cfg.lora.modules_to_save) if cfg.lora.modules_to_save else None,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    if device.type == "cuda" and cfg.train.precision in ("bf16", "fp16"):  # the loop runs under autocast
+    if autocast_dtype_for(cfg.train.precision, device) is not None:  # the loop runs under autocast
         keep_adapter_inputs(model)
     return model, tokenizer

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import subprocess
@@ -182,14 +183,14 @@ def loop_loss(choice: str):
 def stack_c(path, args, seq, device):
     from qtune import loop
     from qtune.distributed import Group
-    from qtune.model import load_model
+    from qtune.model import autocast_dtype_for, load_model
 
     cfg = run_config(path, args, seq, device)
     t = cfg.train
     group = Group(t.strategy)  # world 1: no torch.distributed
     torch.manual_seed(t.seed)
     model, _ = load_model(cfg, device)
-    dtype = loop.PRECISIONS[t.precision] if device.type == "cuda" else None
+    dtype = autocast_dtype_for(t.precision, device)
     torch.manual_seed(t.seed + 1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = loop.make_optimizer(cfg, params)
@@ -204,13 +205,7 @@ def stack_c(path, args, seq, device):
         scaler.scale(loss / t.grad_accum).backward()
         loss_val = float(loss.detach())
         group.average_grads(params)
-        scaler.unscale_(optimizer)
-        if cfg.optim.max_grad_norm > 0:
-            group.clip_grad_norm(params, cfg.optim.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        loop.apply_update(group, params, optimizer, scaler, scheduler, cfg.optim.max_grad_norm, math.isfinite(loss_val))
         return loss_val
 
     return model, step, {"optimizer": f"qtune {type(optimizer).__name__} (loop.make_optimizer)", "loss": loss_name}

@@ -12,14 +12,18 @@ from ..quant.state import QuantState, dtype_name
 COMPUTE_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradient checks
 
 
-def _fused(t: torch.Tensor, state: QuantState, max_m: int):
+def _fused(t: torch.Tensor, state: QuantState, backward: bool):
     """The fused Triton kernels' module when they take this product (CUDA or QTUNE_BACKEND=triton,
-    a float compute dtype, whole blocks per row, at most `max_m` rows), else None."""
-    if t.dtype not in FLOAT_DTYPES or not use_kernel(t) or t.numel() > max_m * t.shape[-1] or len(state.shape) != 2:
+    a float compute dtype, whole blocks per row, at most the module's measured FWD_MAX_M /
+    BWD_MAX_M rows), else None."""
+    if t.dtype not in FLOAT_DTYPES or not use_kernel(t) or len(state.shape) != 2:
         return None
     from ..kernels import matmul4bit
 
-    return matmul4bit if matmul4bit.supported(state.shape[1], state.blocksize) else None
+    max_m = matmul4bit.BWD_MAX_M if backward else matmul4bit.FWD_MAX_M
+    if t.numel() > max_m * t.shape[-1] or not matmul4bit.supported(state.shape[1], state.blocksize):
+        return None
+    return matmul4bit
 
 
 class Matmul4bit(torch.autograd.Function):
@@ -32,9 +36,7 @@ class Matmul4bit(torch.autograd.Function):
         ctx.state = state
         ctx.save_for_backward(packed)
         ctx.has_bias = bias is not None
-        from ..kernels.matmul4bit import FWD_MAX_M
-
-        kernels = _fused(x, state, FWD_MAX_M)
+        kernels = _fused(x, state, backward=False)
         if kernels is not None:
             check_packed_size(packed, state)
             y = kernels.forward(x.reshape(-1, x.shape[-1]).contiguous(), packed, state.absmax, state.code,
@@ -47,10 +49,8 @@ class Matmul4bit(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            from ..kernels.matmul4bit import BWD_MAX_M
-
             state = ctx.state
-            kernels = _fused(grad_out, state, BWD_MAX_M)
+            kernels = _fused(grad_out, state, backward=True)
             if kernels is not None:
                 dx = kernels.backward(grad_out.reshape(-1, grad_out.shape[-1]).contiguous(), packed, state.absmax,
                                       state.code, state.shape[1], state.blocksize, state.nested_tensors)

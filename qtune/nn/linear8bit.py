@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.functional import use_kernel
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # others (float64) take the reference
+from ..quant.codes import FLOAT_DTYPES
+from ..quant.functional import check_finite, use_kernel
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +87,7 @@ class _Matmul8bit(torch.autograd.Function):
     def forward(ctx, x, cb, scb, bias, threshold):
         ctx.save_for_backward(cb, scb)
         ctx.has_bias = bias is not None
-        if use_kernel(x) and x.dtype in KERNEL_DTYPES:
+        if use_kernel(x) and x.dtype in FLOAT_DTYPES:
             return int8_linear_kernel(x, cb, scb, threshold, bias)
         return int8_linear(x, cb, scb, threshold, bias).to(x.dtype)
 
@@ -138,10 +137,9 @@ class Linear8bit(nn.Linear):
         if tuple(w.shape) != (self.out_features, self.in_features) or not w.is_floating_point():
             raise ValueError(f"{name} must be a float matrix of shape {(self.out_features, self.in_features)}; "
                              f"got {w.dtype} {tuple(w.shape)}")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"{name} has {int((~torch.isfinite(w)).sum())} non-finite values; refusing to quantize it")
+        check_finite(w, name)
         w = w.detach()
-        if use_kernel(w) and w.dtype in KERNEL_DTYPES:  # same codes, without a float32 copy of the weight
+        if use_kernel(w) and w.dtype in FLOAT_DTYPES:  # same codes, without a float32 copy of the weight
             from ..kernels.int8 import quantize_rows
 
             cb, scb = quantize_rows(w.contiguous())

@@ -99,8 +99,9 @@ def _quantize_4bit_kernel(A: torch.Tensor, blocksize: int, quant_type: str, doub
         q, absmax2 = kq.quantize_blockwise_8bit(absmax, offset, nested_code)
         state.absmax = q
         state.nested = NestedState(absmax=absmax2, code=nested_code, offset=offset)
-    if int(bad):
-        raise _non_finite_error(int(bad), A, name)
+    bad = int(bad)
+    if bad:
+        raise _non_finite_error(bad, A, name)
     return packed.view(quant_storage).reshape(-1, 1), state
 
 
