@@ -22,43 +22,65 @@ BLOCKS_PER_PROGRAM = 4  # launch shape, read at launch (scripts/bench_optim.py s
 NUM_WARPS = 4
 
 
+SEARCH = "binade"  # how _magnitude_index finds the decade and guess; read at launch (bench_optim.py --sweep)
+SEARCHES = ("compare", "tables", "binade")
+
+# Where each part of a map table (StateMaps) starts, in float32 slots (constexpr: read by the kernel).
+MIDS, NEXT_T, SCALE, SHIFT, BELOW, THRESH = (tl.constexpr(v) for v in (256, 512, 544, 552, 560, 592))
+TABLE = 600
+LOG2_10 = tl.constexpr(3.321928094887362)
+
+
 @triton.jit
-def _magnitude_index(ax, mids_ptr, Z, T1, T2, T3, T4, T5, T6, SIGNED: tl.constexpr):
+def _magnitude_index(ax, map_ptr, Z, E0, SIGNED: tl.constexpr, SEARCH: tl.constexpr):
     """Index of the nearest entry of the map's non-negative half to ax >= 0, ties to the smaller:
     127..255 (signed map) or 0..255 (unsigned).
 
     That half holds 0, then for decades k = 0..6 n = 2**k (signed) or 2**(k+1) (unsigned) evenly
-    spaced means of [1e(k-7), 1e(k-6)), then 1. The decade comes from comparisons with the map's
-    own midpoints (Z below the first mean, T1..T6 where decades 1..6 begin); within it a
-    closed-form guess biased low is the answer or the one below, and one midpoint settles it."""
-    k = ((ax > T1).to(tl.int32) + (ax > T2).to(tl.int32) + (ax > T3).to(tl.int32) + (ax > T4).to(tl.int32)
-         + (ax > T5).to(tl.int32) + (ax > T6).to(tl.int32))
+    spaced means of [1e(k-7), 1e(k-6)), then 1. The decade k is the count of the map's decade
+    thresholds below ax: by comparing with each ("compare") or, from ax's binade, those below it (a
+    table) plus the one inside it, if any ("tables", "binade"). Within the decade a linear guess
+    biased low, j = floor(ax * 10**(6-k) * n / 0.9 - n / 9 - 1e-3), is the answer or the one below,
+    and one midpoint settles it; its two constants come from tables ("tables") or arithmetic."""
+    if SEARCH == "compare":
+        k = (ax > tl.load(map_ptr + THRESH + 1)).to(tl.int32) + (ax > tl.load(map_ptr + THRESH + 2)).to(tl.int32) \
+            + (ax > tl.load(map_ptr + THRESH + 3)).to(tl.int32) + (ax > tl.load(map_ptr + THRESH + 4)).to(tl.int32) \
+            + (ax > tl.load(map_ptr + THRESH + 5)).to(tl.int32) + (ax > tl.load(map_ptr + THRESH + 6)).to(tl.int32)
+    else:
+        binade = tl.minimum(tl.maximum((ax.to(tl.int32, bitcast=True) >> 23) - E0, 0), 31)
+        k = tl.load(map_ptr + BELOW + binade).to(tl.int32, bitcast=True) \
+            + (ax > tl.load(map_ptr + NEXT_T + binade)).to(tl.int32)
     if SIGNED:
         n = 1 << k
         first = 127 + n  # index of the decade's first mean
         zero = 127
+        log2_n0 = 0.0
     else:
         n = 2 << k
         first = n - 1
         zero = 0
-    nf = n.to(tl.float32)
-    inv_scale = tl.exp2((6 - k).to(tl.float32) * 3.321928094887362)  # 10**(6-k): a guess needs no exactness
-    j = tl.floor((ax * inv_scale - 0.1) * nf * (1.0 / 0.9) - 1e-3)
-    j = tl.minimum(tl.maximum(j, 0.0), nf - 1.0).to(tl.int32)
+        log2_n0 = 1.0
+    if SEARCH == "tables":
+        scale = tl.load(map_ptr + SCALE + k)
+        shift = tl.load(map_ptr + SHIFT + k)
+    else:  # log2(scale) = 6 log2(10) - log2(0.9) + log2(n) - k log2(10), log2(n) = k (+1 unsigned)
+        scale = tl.exp2(k.to(tl.float32) * (1.0 - LOG2_10) + (6 * LOG2_10 + 0.15200309344504997 + log2_n0))
+        shift = n.to(tl.float32) * (-1.0 / 9.0) - 1e-3
+    j = (ax * scale + shift).to(tl.int32)  # truncation: floor for j >= 0
+    j = tl.minimum(tl.maximum(j, 0), n - 1)
     guess = tl.where(ax <= Z, zero, first + j)
-    return guess + (ax > tl.load(mids_ptr + guess)).to(tl.int32)
+    return guess + (ax > tl.load(map_ptr + MIDS + guess)).to(tl.int32)
 
 
 @triton.jit
-def _quantize_rows(s, absmax, mids_ptr, Z, T1, T2, T3, T4, T5, T6, SIGNED: tl.constexpr):
+def _quantize_rows(s, absmax, map_ptr, Z, E0, SIGNED: tl.constexpr, SEARCH: tl.constexpr):
     """uint8 codes of the rows of s scaled by their absmax; the negative half mirrors the positive
     one (ties to the smaller magnitude), and a negative first moment never rounds to +0."""
     inv = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax), 0.0)
     x = s * inv[:, None]
-    idx = _magnitude_index(tl.abs(x), mids_ptr, Z, T1, T2, T3, T4, T5, T6, SIGNED)
-    if SIGNED:
-        idx = tl.where(x < 0, tl.maximum(254 - idx, 0), idx)
-        idx = tl.where((x < 0) & (idx == 127), 126, idx)
+    idx = _magnitude_index(tl.abs(x) if SIGNED else x, map_ptr, Z, E0, SIGNED, SEARCH)  # the second moment is >= 0
+    if SIGNED:  # mirrored: 127 + i -> 127 - i, but 127 (zero) -> 126 and 255 (one) -> 0
+        idx = tl.where(x < 0, tl.minimum(tl.maximum(254 - idx, 0), 126), idx)
     return idx.to(tl.uint8)
 
 
@@ -70,11 +92,11 @@ def _load(ptr, mask, other, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_ptr, mids1_ptr, mids2_ptr,
+def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
                first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
-               Z1, A1, A2, A3, A4, A5, A6, Z2, B1, B2, B3, B4, B5, B6,
+               Z1, E1, Z2, E2,
                P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-               MASKED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+               MASKED: tl.constexpr, SEARCH: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """NB blocks of one tensor from block `first`; pointers already point at the tensor's element
     0 (state pointers at its segment, absmax pointers at its first block). Unmasked (vectorized)
     unless MASKED, for the tensor's last, partial run of blocks."""
@@ -90,7 +112,7 @@ def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_pt
     g = _load(g_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
     if USE_L2:
         g = g + l2 * p
-    finite = (g == g) & (tl.abs(g) != float("inf"))
+    finite = tl.abs(g) < float("inf")  # false for NaN too
     if MASKED:
         finite = finite & mask
     g = tl.where(finite, g, 0.0)
@@ -99,8 +121,8 @@ def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_pt
         a2 = _load(a2_ptr + rows, row_mask, 0.0, MASKED)
         c1 = _load(s1_ptr + offs, mask, 127, MASKED).to(tl.int32)
         c2 = _load(s2_ptr + offs, mask, 0, MASKED).to(tl.int32)
-        s1 = tl.load(code1_ptr + c1) * a1[:, None]
-        s2 = tl.load(code2_ptr + c2) * a2[:, None]
+        s1 = tl.load(map1_ptr + c1) * a1[:, None]
+        s2 = tl.load(map2_ptr + c2) * a2[:, None]
     else:
         s1 = _load(s1_ptr + offs, mask, 0.0, MASKED)
         s2 = _load(s2_ptr + offs, mask, 0.0, MASKED)
@@ -113,8 +135,8 @@ def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_pt
     if EIGHT_BIT:
         n1 = tl.max(tl.abs(s1), axis=1)
         n2 = tl.max(tl.abs(s2), axis=1)
-        tl.store(s1_ptr + offs, _quantize_rows(s1, n1, mids1_ptr, Z1, A1, A2, A3, A4, A5, A6, True), mask=mask)
-        tl.store(s2_ptr + offs, _quantize_rows(s2, n2, mids2_ptr, Z2, B1, B2, B3, B4, B5, B6, False), mask=mask)
+        tl.store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, Z1, E1, True, SEARCH), mask=mask)
+        tl.store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, Z2, E2, False, SEARCH), mask=mask)
         tl.store(a1_ptr + rows, n1, mask=row_mask)
         tl.store(a2_ptr + rows, n2, mask=row_mask)
     else:
@@ -124,11 +146,12 @@ def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_pt
 
 @triton.jit
 def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
-                 s1_ptr, s2_ptr, a1_ptr, a2_ptr, code1_ptr, code2_ptr, mids1_ptr, mids2_ptr,
+                 s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
                  beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
-                 Z1, A1, A2, A3, A4, A5, A6, Z2, B1, B2, B3, B4, B5, B6,
+                 Z1, E1, Z2, E2,
                  P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, SEARCH: tl.constexpr, NB: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr):
     w = tl.program_id(0)
     slot = tl.load(work_ptr + 2 * w)
     first = tl.load(work_ptr + 2 * w + 1).to(tl.int64)
@@ -144,39 +167,63 @@ def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, 
         eps_hat = tl.load(scal_ptr + 2 * slot + 1)
     if (first + NB) * BLOCK_SIZE <= numel:
         _adam_tile(p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off,
-                   code1_ptr, code2_ptr, mids1_ptr, mids2_ptr, first, numel, beta1, beta2, one_minus_beta1,
-                   one_minus_beta2, decay, l2, step_size, eps_hat, Z1, A1, A2, A3, A4, A5, A6, Z2, B1, B2, B3, B4, B5,
-                   B6, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, False, NB, BLOCK_SIZE)
+                   map1_ptr, map2_ptr, first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
+                   step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, False, SEARCH, NB, BLOCK_SIZE)
     else:
         _adam_tile(p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off,
-                   code1_ptr, code2_ptr, mids1_ptr, mids2_ptr, first, numel, beta1, beta2, one_minus_beta1,
-                   one_minus_beta2, decay, l2, step_size, eps_hat, Z1, A1, A2, A3, A4, A5, A6, Z2, B1, B2, B3, B4, B5,
-                   B6, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, True, NB, BLOCK_SIZE)
+                   map1_ptr, map2_ptr, first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
+                   step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, True, SEARCH, NB, BLOCK_SIZE)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 class StateMaps(NamedTuple):
-    """The two 8-bit maps on the device (256 float32 codes, 255 midpoints each) and, as host
-    floats, each map's 7 decade thresholds: the midpoint under which |x| rounds to 0, then those
-    where decades 1..6 begin."""
+    """Each 8-bit map as one float32 table on the device (codes, midpoints, then the decade
+    tables of _magnitude_index, laid out as MIDS..TABLE say) with two host numbers: the midpoint
+    under which |x| rounds to 0 and the biased float32 exponent where the binade table starts."""
 
-    code1: torch.Tensor  # signed
-    mids1: torch.Tensor
-    code2: torch.Tensor  # unsigned
-    mids2: torch.Tensor
-    thresholds1: tuple[float, ...]
-    thresholds2: tuple[float, ...]
+    table1: torch.Tensor  # signed
+    table2: torch.Tensor  # unsigned
+    zero1: float
+    binade1: int
+    zero2: float
+    binade2: int
 
     @classmethod
     def build(cls, signed: torch.Tensor, unsigned: torch.Tensor, device: torch.device) -> StateMaps:
         """From the two sorted float32 maps (256 values each)."""
-        m1, m2 = (signed[:-1] + signed[1:]) * 0.5, (unsigned[:-1] + unsigned[1:]) * 0.5
-        t1 = [m1[127]] + [m1[126 + (1 << e)] for e in range(1, 7)]
-        t2 = [m2[0]] + [m2[(2 << e) - 2] for e in range(1, 7)]
-        return cls(signed.to(device), m1.to(device), unsigned.to(device), m2.to(device),
-                   tuple(float(t) for t in t1), tuple(float(t) for t in t2))
+        t1, z1, e1 = _map_table(signed, True)
+        t2, z2, e2 = _map_table(unsigned, False)
+        return cls(t1.to(device), t2.to(device), z1, e1, z2, e2)
+
+
+def _map_table(code: torch.Tensor, signed: bool) -> tuple[torch.Tensor, float, int]:
+    """(table, zero threshold, first binade) of one map for _magnitude_index."""
+    mids = (code[:-1] + code[1:]) * 0.5  # float32, as the reference computes them
+    zero = 127 if signed else 0
+    first = [127 + (1 << k) if signed else (2 << k) - 1 for k in range(7)]  # each decade's first index
+    starts = [float(mids[i - 1]) for i in first[1:]]  # |x| above these: decade 1..6 (float32 values)
+    e0 = int(torch.tensor(starts[0], dtype=torch.float32).view(torch.int32)) >> 23
+    table = torch.full((TABLE,), float("inf"), dtype=torch.float32)
+    mids_at, next_at, scale_at, shift_at, below_at, thresh_at = (v.value for v in (MIDS, NEXT_T, SCALE, SHIFT, BELOW,
+                                                                                   THRESH))
+    table[:256], table[mids_at:mids_at + 255] = code, mids
+    below = torch.zeros(32, dtype=torch.int32)
+    for b in range(32):  # binade e0 + b holds [lo, 2 * lo)
+        lo = float(torch.tensor((e0 + b) << 23, dtype=torch.int32).view(torch.float32))
+        below[b] = sum(t < lo for t in starts)
+        inside = [t for t in starts if lo <= t < 2 * lo]
+        assert len(inside) <= 1, "a decade is wider than a binade"
+        if inside:
+            table[next_at + b] = inside[0]
+    for k in range(7):  # decade k: n means of [0.1, 1] * 10**(k - 6); guess j = floor(|x| * scale + shift)
+        n = 1 << k if signed else 2 << k
+        table[scale_at + k] = 10.0 ** (6 - k) * n / 0.9
+        table[shift_at + k] = -0.1 * n / 0.9 - 1e-3  # biased low: the guess is the answer or the one below
+    table[below_at:below_at + 32] = below.view(torch.float32)
+    table[thresh_at + 1:thresh_at + 7] = torch.tensor(starts)
+    return table, float(mids[zero]), e0
 
 
 def work_list(numels: list[int], device: torch.device) -> torch.Tensor:
@@ -210,13 +257,13 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
     gradient (Adam)."""
     eight_bit = absmax1 is not None
     per_tensor = isinstance(scalars, torch.Tensor)
-    dummy = state1 if eight_bit else maps.code1
+    dummy = state1 if eight_bit else maps.table1
     step_size, eps_hat = (0.0, 0.0) if per_tensor else scalars
     _adam_kernel[(work.shape[0],)](
-        work, p_base, p_offs, g_offs, numels, elem_offs, block_offs, scalars if per_tensor else maps.code1,
+        work, p_base, p_offs, g_offs, numels, elem_offs, block_offs, scalars if per_tensor else maps.table1,
         state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy,
-        maps.code1, maps.code2, maps.mids1, maps.mids2,
-        beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat, *maps.thresholds1, *maps.thresholds2,
+        maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
+        maps.zero1, maps.binade1, maps.zero2, maps.binade2,
         P_DTYPE=_TL_DTYPES[p_base.dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
-        PER_TENSOR_STEP=per_tensor, ALIGN=align, NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
+        PER_TENSOR_STEP=per_tensor, ALIGN=align, SEARCH=SEARCH, NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
     )

@@ -13,6 +13,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from qtune.kernels import adam8bit as ka
 from qtune.kernels import dequant as dq
 from qtune.kernels import matmul4bit as mm
 from qtune.kernels import quantize as kq
@@ -69,6 +70,20 @@ def main() -> None:
     sig = {"x_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "q_ptr": "*u8", "absmax_ptr": "*fp32",
            "n": "i32"}
     print(f"quant8 sm_90: {compile_one(kq._quant8_kernel, sig, {'BLOCKSIZE': 256}, 90)}")
+    sig = {n: "*i32" if n == "work_ptr" else "*i64" for n in ("work_ptr", "poff_ptr", "goff_ptr", "numel_ptr",
+                                                               "elem_off_ptr", "block_off_ptr")}
+    sig = {"work_ptr": sig["work_ptr"], "p_base": "*fp32", **{k: v for k, v in sig.items() if k != "work_ptr"},
+           "scal_ptr": "*fp32", "s1_ptr": "*u8", "s2_ptr": "*u8", "a1_ptr": "*fp32", "a2_ptr": "*fp32",
+           "map1_ptr": "*fp32", "map2_ptr": "*fp32",
+           **{n: "fp32" for n in ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "decay", "l2", "step_size",
+                                  "eps_hat")}, "Z1": "fp32", "E1": "i32", "Z2": "fp32", "E2": "i32"}
+    for arch, dt, search in itertools.product((90, 75), (tl.float32, tl.bfloat16, tl.float16), ka.SEARCHES):
+        if arch == 75 and dt == tl.bfloat16:
+            continue
+        c = {"P_DTYPE": dt, "EIGHT_BIT": True, "USE_L2": False, "USE_DECAY": True, "PER_TENSOR_STEP": False,
+             "ALIGN": 4, "SEARCH": search, "NB": 4, "BLOCK_SIZE": 256}
+        s = {**sig, "p_base": P[dt]}
+        print(f"adam sm_{arch} {dt} {search}: {compile_one(ka._adam_kernel, s, c, arch)}")
 
 
 if __name__ == "__main__":
