@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU call for the measurements the open issues need. Every command's whole output goes to a log
 # under $OUT (it comes back with the call); only summaries are printed, so nothing is lost to a
-# truncated console. Parts (default: all): sweep kernels tests qlora quality optim.
+# truncated console. Parts (default: all single-GPU ones): sweep kernels tests int8 qlora quality optim
+# trainprof, and multigpu (needs 2 GPUs).
 #   source scripts/gpu_env.sh; bash scripts/gpu_measure.sh sweep kernels
 set -uo pipefail
 source scripts/gpu_env.sh >/dev/null 2>&1 || exit 1
-parts=${*:-sweep kernels tests qlora quality optim}
+parts=${*:-sweep kernels tests qlora quality optim trainprof}
 has() { [[ " $parts " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if has sweep; then
@@ -26,6 +27,24 @@ if has quality; then
   python3 scripts/bench_qlora.py --quality-steps 200 > "$OUT/bench_qlora_quality.log" 2>&1
   grep -E "^quality" "$OUT/bench_qlora_quality.log"
 fi
+if has int8; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/hf/test_int8.py > "$OUT/pytest_int8.log" 2>&1
+  grep -E "rel diff|checkpoint in|^FAILED|^E  |passed|failed" "$OUT/pytest_int8.log" | tail -12
+fi
 if has optim; then
-  python3 scripts/bench_optim.py > "$OUT/bench_optim.log" 2>&1; tail -8 "$OUT/bench_optim.log"
+  python3 scripts/bench_optim.py --sweep > "$OUT/bench_optim.log" 2>&1; grep -E "^  |^[0-9]+ tensors|TB/s" "$OUT/bench_optim.log"
+fi
+if has trainprof; then  # qtune.train's loop on the 4-layer 13B-shaped model, as bench_multigpu runs it
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench_multigpu as b; \
+open('/tmp/trainprof_paths', 'w').write(b.ensure_model(4) + ' ' + b.ensure_data('/tmp'))" > "$OUT/trainprof_setup.log" 2>&1
+  read -r model data < /tmp/trainprof_paths
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python3 scripts/profile_train.py recipe=llama2_7b model.name=$model \
+    model.dtype=bfloat16 data.path=$data data.eval_fraction=0.01 train.seq_len=1024 train.micro_batch=1 \
+    train.grad_accum=1 train.max_steps=10 train.eval_every=100000 train.save_every=100000 optim.schedule=constant \
+    optim.warmup_steps=0 > "$OUT/profile_train.log" 2>&1
+  sed -n '/steps in/,$p' "$OUT/profile_train.log" | head -40
+fi
+if has multigpu; then
+  python3 scripts/bench_multigpu.py --gpus 2 --steps 12 --work "$OUT/multigpu" > "$OUT/bench_multigpu.log" 2>&1
+  tail -12 "$OUT/bench_multigpu.log"; for f in "$OUT"/multigpu/*.log; do [ -f "$f" ] && grep -E "Error|error" "$f" | tail -5; done
 fi

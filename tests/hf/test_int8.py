@@ -73,9 +73,9 @@ def test_lora_trains_on_8bit_layers(tiny_dir):
 @pytest.mark.gpu
 def test_logits_against_bitsandbytes_load_in_8bit(tmp_path):
     """The same bf16 checkpoint loaded with bitsandbytes' load_in_8bit and with qtune's: identical
-    int8 weights and row scales, logits within 2e-2 relative (both decompose at threshold 6; the
-    matmul kernels and bitsandbytes' fp16 cast of the activations differ); each loads the other's
-    saved 8-bit checkpoint."""
+    row scales, int8 codes equal but for rounding ties, logits within 2e-2 relative (both decompose
+    at threshold 6; the matmul kernels and bitsandbytes' fp16 cast of the activations differ); each
+    loads the other's saved 8-bit checkpoint with the codes and scales unchanged."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig
@@ -100,11 +100,25 @@ def test_logits_against_bitsandbytes_load_in_8bit(tmp_path):
         lb, lq = theirs(x).logits.float(), ours(x).logits.float()
     print(f"\nload_in_8bit qtune vs bitsandbytes: logits rel diff {rel_err(lq, lb):.2e}")
     assert rel_err(lq, lb) < 2e-2
+    # each loads the other's checkpoint to the bit: the same int8 codes and row scales; their other
+    # weights differ in dtype (transformers loads bitsandbytes' 8-bit models in fp16), so the logits
+    # are held to the cross-library bound
     theirs.save_pretrained(tmp_path / "bnb8")
     back = qtune.from_pretrained(tmp_path / "bnb8", device_map={"": 0})
-    with torch.no_grad():
-        assert rel_err(back(x).logits.float(), lq) < 1e-6
+    mb = {n: m for n, m in back.named_modules() if isinstance(m, Linear8bit)}
+    assert mb.keys() == tb.keys()
+    for n in tb:
+        assert torch.equal(mb[n].weight.cpu(), tb[n].weight.data.cpu()), n
+        assert torch.equal(mb[n].SCB.float().cpu(), tb[n].weight.SCB.float().cpu()), n
     qtune.export_bitsandbytes(ours, tmp_path / "ours8")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "ours8", device_map={"": 0})
+    ma = {n: m for n, m in again.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert ma.keys() == tq.keys()
+    for n in tq:
+        assert torch.equal(ma[n].weight.data.cpu(), tq[n].weight.cpu()), n
+        assert torch.equal(ma[n].weight.SCB.float().cpu(), tq[n].SCB.float().cpu()), n
     with torch.no_grad():
-        assert rel_err(again(x).logits.float(), lb) < 1e-6
+        lback, lagain = back(x).logits.float(), again(x).logits.float()
+    print(f"bnb checkpoint in qtune vs bnb: {rel_err(lback, lb):.2e}; qtune checkpoint in bnb vs qtune: "
+          f"{rel_err(lagain, lq):.2e}")
+    assert rel_err(lback, lb) < 2e-2 and rel_err(lagain, lq) < 2e-2
