@@ -88,28 +88,39 @@ def _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIA
 
 @triton.jit
 def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
-                y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                 BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                PRECISION: tl.constexpr, LUT_IN_MEMORY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                PRECISION: tl.constexpr, LUT_IN_MEMORY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    """SPLIT_K > 1: program (n, m, k) walks the k-th of SPLIT_K runs of absmax blocks (more programs
+    and more bytes in flight when M is small), writes its float32 partial to the workspace and
+    counts itself in the tile's lock; the last to arrive sums the partials in a fixed order (the
+    result does not depend on who is last), stores the tile and resets the lock for the next launch."""
     pid_n = tl.program_id(0)  # N fastest: programs that share X run together
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     h = tl.arange(0, BS // 2)
     m_mask, n_mask = rm < M, rn < N
+    blocks_per_row = K // BS
+    per = tl.cdiv(blocks_per_row, SPLIT_K)
+    kb0 = pid_k * per
+    kb1 = tl.minimum(kb0 + per, blocks_per_row)
+    last = tl.maximum(kb1 - 1, 0)  # an empty run (kb0 >= kb1) loads block `last` and adds nothing
     x_offs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BS)[None, :]
     w_cols = rn.to(tl.int64)[None, :] * stride_wn + h[:, None]  # (BS/2, BLOCK_N) byte offsets
-    blocks_per_row = K // BS
     blk = rn.to(tl.int64) * blocks_per_row
     offset = tl.load(offset_ptr) if NESTED else 0.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     table = _table(code_ptr, BLOCK_N, 0, DOT)
     # Every global load of block kb + 1 is issued before block kb computes (one block of lookahead).
-    byte = tl.load(packed_ptr + w_cols, mask=n_mask[None, :], other=0)
-    xv = tl.load(x_offs, mask=m_mask[:, None], other=0.0)
-    stored = tl.load(absmax_ptr + blk, mask=n_mask, other=0)
-    for kb in range(0, blocks_per_row):
-        kn = tl.minimum(kb + 1, blocks_per_row - 1)
+    k_first = tl.minimum(kb0, last)
+    byte = tl.load(packed_ptr + w_cols + k_first * (BS // 2), mask=n_mask[None, :], other=0)
+    xv = tl.load(x_offs + k_first * BS, mask=m_mask[:, None], other=0.0)
+    stored = tl.load(absmax_ptr + blk + k_first, mask=n_mask, other=0)
+    for kb in range(kb0, kb1):
+        kn = tl.minimum(kb + 1, last)
         byte_n = tl.load(packed_ptr + w_cols + kn * (BS // 2), mask=n_mask[None, :], other=0)
         xv_n = tl.load(x_offs + kn * BS, mask=m_mask[:, None], other=0.0)
         stored_n = tl.load(absmax_ptr + blk + kn, mask=n_mask, other=0)
@@ -120,7 +131,20 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
         am = _absmax(stored, blk + kb, n_mask, nested_absmax_ptr, nested_code_ptr, offset, NESTED)
         acc += part * am[None, :]
         byte, xv, stored = byte_n, xv_n, stored_n
-    _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
+    if SPLIT_K == 1:
+        _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
+    else:
+        tile_mask = m_mask[:, None] & n_mask[None, :]
+        ws = ws_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(ws + pid_k.to(tl.int64) * M * N, acc, mask=tile_mask)
+        tl.debug_barrier()  # every thread's partial is written before the count (released at GPU scope)
+        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k in range(SPLIT_K):
+                total += tl.load(ws + k * M * N, mask=tile_mask, other=0.0, cache_modifier=".cg")
+            _store_rows(total, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
+            tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -214,42 +238,57 @@ def _dot_dtype(dtype: torch.dtype):
     return _TL[dtype], "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, code table in memory) by the number of rows
-    (scripts/bench_kernels.py --sweep); float32 tiles stay small enough for sm_75's 64 KiB of shared
-    memory."""
+def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, code table in memory, SPLIT_K) by the number of
+    rows (scripts/bench_kernels.py --sweep); float32 tiles stay small enough for sm_75's 64 KiB of
+    shared memory."""
     if M <= 16:
-        return 16, 32, 4, 4, False
+        return 16, 32, 4, 4, False, 1
     if M <= 32:
-        return 32, 64, 4, 3, False
+        return 32, 64, 4, 3, False, 1
     if M <= 64 or dtype == torch.float32:
-        return 64, 64, 4, 3, False
-    return 128, 128, 8, 3, False
+        return 64, 64, 4, 3, False, 1
+    return 128, 128, 8, 3, False, 1
 
 
 def _nested_args(absmax, nested):
     return nested if nested is not None else (absmax, absmax, absmax)
 
 
+_LOCKS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 split-K tile counters for the current stream (each launch leaves them zeroed)."""
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (-1, 0)
+    lock = _LOCKS.get(key)
+    if lock is None or lock.numel() < n:
+        lock = _LOCKS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return lock
+
+
 def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, N: int, blocksize: int,
             nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None = None,
-            config: tuple[int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+            config: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K, unit stride along K) @ deq(W)^T (+ bias) -> (M, N) in x's dtype. `packed` is any
     dtype viewed as bytes; absmax float32, or uint8 codes with nested = (nested_absmax,
-    nested_code, offset)."""
+    nested_code, offset). `config`: as _config returns (SPLIT_K may be left off)."""
     M, K = x.shape
     if config is None and M <= GEMV_MAX_M:
         return gemv(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    bm, bn, warps, stages, lut_mem = config or _config(M, x.dtype)
+    bm, bn, warps, stages, lut_mem, *split = config or _config(M, x.dtype)
+    split_k = min(split[0] if split else 1, K // blocksize)
     dot, precision = _dot_dtype(x.dtype)
     na, nc, off = _nested_args(absmax, nested)
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split_k)
+    ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
+    lock = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else y
     _fwd_kernel[grid](x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
-                      bias if bias is not None else x, y, M, N, K, x.stride(0), K // 2, y.stride(0),
+                      bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0),
                       BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, DOT=dot,
-                      PRECISION=precision, LUT_IN_MEMORY=lut_mem, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                      num_stages=1 if lut_mem else stages)
+                      PRECISION=precision, LUT_IN_MEMORY=lut_mem, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k,
+                      num_warps=warps, num_stages=1 if lut_mem else stages)
     return y
 
 

@@ -108,15 +108,15 @@ def bench_matmul(rows: list) -> None:
               f"{times['bf16'] / times['qtune']:.2f}x bf16")
 
 
-def _candidates(m: int) -> list[tuple[int, int, int, int, bool]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, code table in memory) to try at m rows."""
+def _candidates(m: int) -> list[tuple[int, int, int, int, bool, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, code table in memory, SPLIT_K) to try at m rows."""
     if m <= 16:
-        return [(16, bn, 4, st, False) for bn in (16, 32, 64, 128) for st in (3, 4)] + \
-            [(16, bn, w, 1, True) for bn in (32, 64) for w in (4, 8)]
-    bms = {32: (32,), 64: (64,), 128: (64, 128)}.get(m, (128, 256))
-    return [(bm, bn, w, st, False) for bm in bms for bn in (32, 64, 128) for w in (4, 8) for st in (3, 4)
-            if bm * bn <= 256 * 128 and not (bm >= 128 and bn < 64)] + \
-        [(bm, 64, 4, 1, True) for bm in bms]
+        return [(16, bn, 4, st, False, sk) for bn in (32, 64) for st in (3, 4) for sk in (1, 2, 4, 8)] + \
+            [(16, bn, 4, 1, True, sk) for bn in (32, 64) for sk in (1, 4)]
+    bms = {32: (32,), 64: (64,), 128: (64, 128)}.get(m, (128,))
+    return [(bm, bn, w, st, False, sk) for bm in bms for bn in (64, 128) for w in ((4, 8) if bm >= 128 else (4,))
+            for st in (3, 4) for sk in (1, 2, 4) if bm * bn <= 256 * 128] + \
+        [(bm, 64, 4, 1, True, 1) for bm in bms]
 
 
 def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, bool]]:
@@ -160,7 +160,7 @@ def sweep(rows: list) -> None:
     sweep_gemv(rows)
     _, q, _ = layers()
     s = q.quant_state
-    for m in (1, 16, 32, 64, 128, 256, 512):
+    for m in (1, 16, 32, 64, 128, 256):
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn(m, N, device="cuda", dtype=torch.bfloat16)
         t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
@@ -168,7 +168,7 @@ def sweep(rows: list) -> None:
         best = {}
         for cfg in _candidates(m):
             kinds = [("fwd", lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg))]
-            if m <= 64 and cfg[1] <= 64:
+            if m <= 64 and cfg[1] <= 64 and cfg[5] == 1:  # the input-gradient kernel has no split-K
                 kinds.append(("bwd", lambda: mm.backward(dy, q.weight, s.absmax, s.code, K, 64, s.nested_tensors,
                                                          config=cfg)))
             for kind, fn in kinds:

@@ -53,6 +53,22 @@ def test_kernels_match_reference(M, N, K, quant_type, blocksize, double_quant, d
     assert rel_err(dx, dy.float() @ W) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_split_k_forward(split_k):
+    """Split-K: K = 5 absmax blocks in 2 or 4 runs (one of them empty), partials summed by the last
+    program of each tile; twice in a row (the tile locks must be left at zero)."""
+    M, N, K = 5, 80, 320
+    packed, state, W = _weight(N, K)
+    bias = torch.randn(N, device=DEVICE).to(torch.float16)
+    for _ in range(2):
+        x = torch.randn(M, K, device=DEVICE).to(torch.float16)
+        y = torch.full((M, N), float("nan"), dtype=torch.float16, device=DEVICE)
+        mm.forward(x, packed, state.absmax, state.code, N, 64, state.nested_tensors, bias,
+                   (16, 32, 4, 3, False, split_k), y)
+        assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[torch.float16]
+    assert int(mm._locks(torch.device(DEVICE), 1).abs().sum()) == 0
+
+
 def test_nan_input_propagates():
     packed, state, W = _weight(48, 128)
     x = torch.randn(3, 128, device=DEVICE, dtype=torch.float16)
