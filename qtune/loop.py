@@ -70,10 +70,12 @@ class Batches:
     """Deterministic micro-batches: epoch e visits the items in a permutation seeded by seed + e;
     the position is one integer (micro-batches consumed), so a resumed run sees the same data."""
 
-    def __init__(self, items: list, micro_batch: int, seed: int, pad_id: int, mask_dtype) -> None:
+    def __init__(self, items: list, micro_batch: int, seed: int, pad_id: int, mask_dtype, length: int | None = None
+                 ) -> None:
         if len(items) < micro_batch:
             raise RunError(f"train.micro_batch={micro_batch} exceeds the {len(items)} training items")
         self.items, self.mb, self.seed, self.pad_id, self.mask_dtype = items, micro_batch, seed, pad_id, mask_dtype
+        self.length = length
         self.per_epoch = len(items) // micro_batch
         self._perm_epoch, self._perm = -1, None
 
@@ -83,7 +85,7 @@ class Batches:
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._perm, self._perm_epoch = torch.randperm(len(self.items), generator=g).tolist(), epoch
         idx = self._perm[i * self.mb:(i + 1) * self.mb]
-        return collate([self.items[j] for j in idx], self.pad_id, self.mask_dtype)
+        return collate([self.items[j] for j in idx], self.pad_id, self.mask_dtype, self.length)
 
 
 def _to(batch: dict, device, dtype) -> dict:
@@ -138,10 +140,22 @@ def train(cfg, resolved: dict) -> dict:
     # rank (node) must be able to build its own copy of a generated model.
     ensure_built(cfg.model)
     group = Group(t.strategy)
+    if group.fsdp and cfg.quant.enabled and cfg.quant.quant_storage == "uint8":
+        # FSDP2 turns each shard into an nn.Parameter, which torch before 2.13 allows only for float
+        # dtypes: the packed 4-bit bytes are stored as the compute dtype instead (same bytes)
+        cfg.quant.quant_storage = resolved["quant"]["quant_storage"] = cfg.quant.compute_dtype or cfg.model.dtype
+        if group.main:
+            print(f"train.strategy=fsdp: 4-bit weights stored as {cfg.quant.quant_storage} (quant.quant_storage)",
+                  flush=True)
     if group.fsdp and t.precision == "fp16":
         raise RunError("train.strategy=fsdp does not support train.precision=fp16 (its loss scaler does not "
                        "handle sharded gradients); allowed: bf16, fp32")
     device = group.device(pick_device(t.device))
+    if device.type == "cuda":
+        # Packed batches carry a 4-D mask; cuDNN's attention builds an execution plan per shape and
+        # mask, seconds each, also inside gradient checkpointing's recomputation (outside any
+        # context manager here): the flash / memory-efficient kernels serve training instead.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     out = t.output_dir
     os.makedirs(out, exist_ok=True)
     resume_from = run_state.resolve_resume(t.resume, out)
@@ -156,7 +170,9 @@ def train(cfg, resolved: dict) -> dict:
     mask_dtype = autocast_dtype or torch.float32
     train_items = pack(train_ex, t.seq_len) if cfg.data.packing else train_ex
     eval_items = pack(eval_ex, t.seq_len) if cfg.data.packing else eval_ex
-    batches = Batches(train_items, t.micro_batch, t.seed, tokenizer.pad_token_id, mask_dtype)
+    # packed sequences are padded to seq_len: one batch shape for the whole run
+    batches = Batches(train_items, t.micro_batch, t.seed, tokenizer.pad_token_id, mask_dtype,
+                      t.seq_len if cfg.data.packing else None)
     total = t.max_steps
     if t.epochs:
         total = max(1, math.ceil(t.epochs * batches.per_epoch / (t.grad_accum * group.world)))

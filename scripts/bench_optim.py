@@ -84,16 +84,15 @@ def competitors(sweep: bool):
     import qtune.optim
     from qtune.kernels import adam8bit
 
-    def qtune_with(nb, warps, search):
+    def qtune_with(nb, warps):
         def build(ps):
-            adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS, adam8bit.SEARCH = nb, warps, search
+            adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS = nb, warps
             return qtune.optim.AdamW8bit(ps, lr=1e-4)
         return build
 
-    default = (adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS, adam8bit.SEARCH)
-    shapes = [(2, 4), (4, 4), (4, 8), (8, 8)] if sweep else []
-    for (nb, warps), search in ((shape, search) for search in adam8bit.SEARCHES for shape in shapes):
-        yield f"qtune nb={nb} warps={warps} {search}", qtune_with(nb, warps, search)
+    default = (adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS)
+    for nb, warps in ([(2, 4), (4, 8), (8, 4), (8, 8)] if sweep else []):
+        yield f"qtune nb={nb} warps={warps}", qtune_with(nb, warps)
     yield "qtune AdamW8bit", qtune_with(*default)
     yield "torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
     try:

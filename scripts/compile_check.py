@@ -78,13 +78,13 @@ def main() -> None:
            "map1_ptr": "*fp32", "map2_ptr": "*fp32",
            **{n: "fp32" for n in ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "decay", "l2", "step_size",
                                   "eps_hat")}, "Z1": "fp32", "E1": "i32", "Z2": "fp32", "E2": "i32"}
-    for arch, dt, search in itertools.product((90, 75), (tl.float32, tl.bfloat16, tl.float16), ka.SEARCHES):
+    for arch, dt in itertools.product((90, 75), (tl.float32, tl.bfloat16, tl.float16)):
         if arch == 75 and dt == tl.bfloat16:
             continue
         c = {"P_DTYPE": dt, "EIGHT_BIT": True, "USE_L2": False, "USE_DECAY": True, "PER_TENSOR_STEP": False,
-             "ALIGN": 4, "SEARCH": search, "NB": 4, "BLOCK_SIZE": 256}
+             "ALIGN": 4, "NB": 4, "BLOCK_SIZE": 256}
         s = {**sig, "p_base": P[dt]}
-        print(f"adam sm_{arch} {dt} {search}: {compile_one(ka._adam_kernel, s, c, arch)}")
+        print(f"adam sm_{arch} {dt}: {compile_one(ka._adam_kernel, s, c, arch)}")
 
 
 if __name__ == "__main__":

@@ -142,10 +142,12 @@ def pack(examples: list[Example], seq_len: int) -> list[dict]:
     return packs
 
 
-def collate(items: list, pad_id: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch of Examples (or packed dicts) to its longest member."""
+def collate(items: list, pad_id: int, dtype: torch.dtype = torch.float32, length: int | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch of Examples (or packed dicts) to its longest member, or to `length`
+    (packed batches: one shape every step, so kernels and attention plans are built once)."""
     rows = [it if isinstance(it, dict) else {"input_ids": it.input_ids, "labels": it.labels} for it in items]
-    n = max(len(r["input_ids"]) for r in rows)
+    n = max(max(len(r["input_ids"]) for r in rows), length or 0)
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
     attn = torch.zeros((len(rows), n), dtype=torch.long)

@@ -92,6 +92,10 @@ def test_packing_keeps_examples_apart(tok, tmp_path):
             n = len(e.input_ids) - 1
             total, count = total + float(out.loss) * n, count + n
     assert float(packed_loss) == pytest.approx(total / count, rel=1e-5)
+    with torch.no_grad():  # padded to the run's seq_len (one shape every step): the same loss
+        batch = collate(packs, tok.pad_token_id, length=64)
+        assert batch["input_ids"].shape == (1, 64) and batch["attention_mask"].shape == (1, 1, 64, 64)
+        assert float(model(**batch).loss) == pytest.approx(float(packed_loss), rel=1e-5)
     packs = pack(exs, seq_len=20)  # a full pack starts a new sequence
     assert len(packs) == 3
 
