@@ -44,7 +44,10 @@ open('/tmp/trainprof_paths', 'w').write(b.ensure_model(4) + ' ' + b.ensure_data(
     optim.warmup_steps=0 > "$OUT/profile_train.log" 2>&1
   sed -n '/steps in/,$p' "$OUT/profile_train.log" | head -40
 fi
-if has multigpu; then
-  python3 scripts/bench_multigpu.py --gpus 2 --steps 12 --work "$OUT/multigpu" > "$OUT/bench_multigpu.log" 2>&1
-  tail -12 "$OUT/bench_multigpu.log"; for f in "$OUT"/multigpu/*.log; do [ -f "$f" ] && grep -E "Error|error" "$f" | tail -5; done
+if has multigpu; then  # work under /tmp (a datasets cache is too many files to bring back); logs to $OUT
+  python3 scripts/bench_multigpu.py --gpus 2 --steps 12 --work /tmp/multigpu > "$OUT/bench_multigpu.log" 2>&1
+  cp /tmp/multigpu/*.log /tmp/multigpu/*.json "$OUT/" 2>/dev/null
+  for r in /tmp/multigpu/runs/*; do cp "$r/metrics.jsonl" "$OUT/metrics_$(basename "$r").jsonl" 2>/dev/null; done
+  tail -12 "$OUT/bench_multigpu.log"
+  for f in "$OUT"/*_2gpu.log; do [ -f "$f" ] && grep -E "Error|error" "$f" | tail -5; done
 fi
