@@ -23,14 +23,14 @@ from .rounding import to_dtype_rne
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 MAX_BLOCKSIZE = 256
 # Rows of X (dY) up to which the fused kernel beats dequantize + cuBLAS, from scripts/bench_kernels.py
-# --sweep on an H200 (13824x5120, bf16): forward 83/83/99 us vs 112/111/109 us at M=1/16/32, slower
-# from M=64 (146 vs 111); the input-gradient kernel is slower at every M (317 vs 111 us at M=1), so
-# it is not dispatched.
-FWD_MAX_M = 32
+# --sweep on an H100 (13824x5120, bf16): forward with split-K 68/69/77/93 us at M=1/16/32/64 vs
+# 138 us; slower from M=128 (153 vs 139); the input-gradient kernel is slower at every M (283 vs
+# 140 us at M=1), so it is not dispatched.
+FWD_MAX_M = 64
 BWD_MAX_M = 0
-# The CUDA-core GEMV for the fewest rows: not dispatched until a sweep measures it faster.
-GEMV_MAX_M = 0
-GEMV_CONFIG = (4, 8, 512, 4, True)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, code table in memory
+# The CUDA-core GEMV for a single row (54 us vs the tiled kernel's 68 at M=1; slower from M=2).
+GEMV_MAX_M = 1
+GEMV_CONFIG = (1, 16, 512, 4, False)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, code table in memory
 
 
 @triton.jit
@@ -243,11 +243,13 @@ def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, bool, int]:
     rows (scripts/bench_kernels.py --sweep); float32 tiles stay small enough for sm_75's 64 KiB of
     shared memory."""
     if M <= 16:
-        return 16, 32, 4, 4, False, 1
+        return 16, 64, 4, 3, False, 8 if M <= 8 else 4
+    if dtype == torch.float32:
+        return (32 if M <= 32 else 64), 64, 4, 3, False, 2 if M <= 64 else 1
     if M <= 32:
-        return 32, 64, 4, 3, False, 1
-    if M <= 64 or dtype == torch.float32:
-        return 64, 64, 4, 3, False, 1
+        return 32, 128, 4, 4, False, 2
+    if M <= 64:
+        return 64, 128, 4, 3, False, 2
     return 128, 128, 8, 3, False, 1
 
 

@@ -70,30 +70,32 @@ class Batches:
     """Deterministic micro-batches: epoch e visits the items in a permutation seeded by seed + e;
     the position is one integer (micro-batches consumed), so a resumed run sees the same data."""
 
-    def __init__(self, items: list, micro_batch: int, seed: int, pad_id: int, mask_dtype, length: int | None = None
-                 ) -> None:
+    def __init__(self, items: list, micro_batch: int, seed: int, pad_id: int, mask_dtype, length: int | None = None,
+                 device: torch.device | None = None) -> None:
         if len(items) < micro_batch:
             raise RunError(f"train.micro_batch={micro_batch} exceeds the {len(items)} training items")
         self.items, self.mb, self.seed, self.pad_id, self.mask_dtype = items, micro_batch, seed, pad_id, mask_dtype
-        self.length = length
+        self.length, self.device = length, device
         self.per_epoch = len(items) // micro_batch
         self._perm_epoch, self._perm = -1, None
 
-    def get(self, position: int) -> dict:
+    def get(self, position: int) -> tuple[dict, int]:
+        """(the micro-batch, its number of real tokens: padding excluded)."""
         epoch, i = divmod(position, self.per_epoch)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._perm, self._perm_epoch = torch.randperm(len(self.items), generator=g).tolist(), epoch
-        idx = self._perm[i * self.mb:(i + 1) * self.mb]
-        return collate([self.items[j] for j in idx], self.pad_id, self.mask_dtype, self.length)
+        items = [self.items[j] for j in self._perm[i * self.mb:(i + 1) * self.mb]]
+        n_tokens = sum(len(it["input_ids"] if isinstance(it, dict) else it.input_ids) for it in items)
+        return collate(items, self.pad_id, self.mask_dtype, self.length, self.device), n_tokens
 
 
 def _to(batch: dict, device, dtype) -> dict:
     """The batch on `device`; to a GPU through pinned memory without blocking (a copy from pageable
     memory would make the host wait for the GPU's queue to drain)."""
     cuda = device.type == "cuda"
-    return {k: (v.pin_memory() if cuda else v).to(device=device, non_blocking=cuda,
-                                                  dtype=dtype if v.is_floating_point() and dtype else None)
+    return {k: (v.pin_memory() if cuda and v.device.type == "cpu" else v).to(
+                device=device, non_blocking=cuda, dtype=dtype if v.is_floating_point() and dtype else None)
             for k, v in batch.items()}
 
 
@@ -102,7 +104,7 @@ def evaluate(model, items: list, micro_batch: int, pad_id: int, device, autocast
     model.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(items), micro_batch):
-        batch = _to(collate(items[i:i + micro_batch], pad_id, mask_dtype), device, None)
+        batch = _to(collate(items[i:i + micro_batch], pad_id, mask_dtype, device=device), device, None)
         n = int((batch["labels"][:, 1:] != -100).sum())
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = causal_lm_loss(model, batch)
@@ -172,7 +174,7 @@ def train(cfg, resolved: dict) -> dict:
     eval_items = pack(eval_ex, t.seq_len) if cfg.data.packing else eval_ex
     # packed sequences are padded to seq_len: one batch shape for the whole run
     batches = Batches(train_items, t.micro_batch, t.seed, tokenizer.pad_token_id, mask_dtype,
-                      t.seq_len if cfg.data.packing else None)
+                      t.seq_len if cfg.data.packing else None, device)
     total = t.max_steps
     if t.epochs:
         total = max(1, math.ceil(t.epochs * batches.per_epoch / (t.grad_accum * group.world)))
@@ -237,9 +239,8 @@ def train(cfg, resolved: dict) -> dict:
         while step < total:
             loss_sum, n_tok = None, 0  # the losses stay on the device: one host sync per step, not per micro-batch
             for _ in range(t.grad_accum):
-                batch = batches.get(position * group.world + group.rank)
-                mask = batch["attention_mask"]  # still on the CPU: counting costs no host sync
-                n_tok += int(mask.sum()) if mask.dim() == 2 else batch["input_ids"].numel()
+                batch, n = batches.get(position * group.world + group.rank)
+                n_tok += n  # counted on the host: no sync
                 batch = _to(batch, device, None)
                 position += 1
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
