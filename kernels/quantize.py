@@ -12,42 +12,39 @@ import torch
 import triton
 import triton.language as tl
 
-VALUES_PER_PROGRAM = 2048
+VALUES_PER_PROGRAM = 2048  # launch shape, read at launch (scripts/bench_kernels.py --sweep-formats)
+NUM_WARPS = 4
 
 
 @triton.jit
-def _nf4_code(s, T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14):
-    """Number of NF4 midpoints below s: the nibble of the nearest code, ties to the lower."""
-    return ((s > T0).to(tl.int32) + (s > T1).to(tl.int32) + (s > T2).to(tl.int32) + (s > T3).to(tl.int32)
-            + (s > T4).to(tl.int32) + (s > T5).to(tl.int32) + (s > T6).to(tl.int32) + (s > T7).to(tl.int32)
-            + (s > T8).to(tl.int32) + (s > T9).to(tl.int32) + (s > T10).to(tl.int32) + (s > T11).to(tl.int32)
-            + (s > T12).to(tl.int32) + (s > T13).to(tl.int32) + (s > T14).to(tl.int32))
+def _count_below(s, t_ptr, STEPS: tl.constexpr):
+    """Number of the 2**STEPS - 1 sorted thresholds at t_ptr that are < s (the table is padded with
+    +inf to 2**STEPS entries): a binary search of STEPS comparisons, ties to the lower code."""
+    i = (s > tl.load(t_ptr + (1 << (STEPS - 1)) - 1)).to(tl.int32) << (STEPS - 1)
+    for k in tl.static_range(STEPS - 2, -1, -1):
+        i += (s > tl.load(t_ptr + i + ((1 << k) - 1))).to(tl.int32) << k
+    return i
 
 
 @triton.jit
-def _fp4_code(s, mags_ptr, T0, T1, T2, T3, T4, T5, T6):
-    """Sign bit of s, then the nearest of the 8 magnitudes (ties to the smaller)."""
-    a = tl.abs(s)
-    i = ((a > T0).to(tl.int32) + (a > T1).to(tl.int32) + (a > T2).to(tl.int32) + (a > T3).to(tl.int32)
-         + (a > T4).to(tl.int32) + (a > T5).to(tl.int32) + (a > T6).to(tl.int32))
-    return tl.load(mags_ptr + i).to(tl.int32) | ((s < 0).to(tl.int32) << 3)
-
-
-@triton.jit
-def _quant4_kernel(x_ptr, packed_ptr, absmax_ptr, bad_ptr, mags_ptr, n, n_bytes, n_blocks,
-                   T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14,
+def _quant4_kernel(x_ptr, packed_ptr, absmax_ptr, bad_ptr, t_ptr, mags_ptr, n, n_bytes, n_blocks,
                    FP4: tl.constexpr, BLOCKSIZE: tl.constexpr, NB: tl.constexpr):
+    """NB blocks per program: absmax, then each value's code (NF4: the nearest of 16 codes; FP4: sign
+    bit plus the nearest of 8 magnitudes) by binary search over the rounding thresholds. Non-finite
+    inputs are counted (one atomic per program that has any)."""
     rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    tl.atomic_add(bad_ptr, tl.sum(tl.sum((tl.abs(x) == float("inf")) | (x != x), axis=1).to(tl.int32), axis=0))
+    bad = tl.sum(tl.sum((tl.abs(x) == float("inf")) | (x != x), axis=1).to(tl.int32), axis=0)
+    if bad > 0:
+        tl.atomic_add(bad_ptr, bad)
     absmax = tl.max(tl.abs(x), axis=1)
     inv = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax), 0.0)
     s = x * inv[:, None]
     if FP4:
-        code = _fp4_code(s, mags_ptr, T0, T1, T2, T3, T4, T5, T6)
+        code = tl.load(mags_ptr + _count_below(tl.abs(s), t_ptr, 3)).to(tl.int32) | ((s < 0).to(tl.int32) << 3)
     else:
-        code = _nf4_code(s, T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14)
+        code = _count_below(s, t_ptr, 4)
     hi, lo = tl.split(code.reshape(NB * BLOCKSIZE // 2, 2))  # padding values are 0: the zero code
     b = tl.program_id(0).to(tl.int64) * (NB * BLOCKSIZE // 2) + tl.arange(0, NB * BLOCKSIZE // 2)
     tl.store(packed_ptr + b, ((hi << 4) | lo).to(tl.uint8), mask=b < n_bytes)
@@ -82,20 +79,20 @@ def _quant8_kernel(x_ptr, offset_ptr, code_ptr, q_ptr, absmax_ptr, n, BLOCKSIZE:
     tl.store(absmax_ptr + row, absmax)
 
 
-def quantize_4bit(x: torch.Tensor, blocksize: int, fp4: bool, thresholds: tuple[float, ...], mags: torch.Tensor,
+def quantize_4bit(x: torch.Tensor, blocksize: int, fp4: bool, thresholds: torch.Tensor, mags: torch.Tensor,
                   out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes of x (any float dtype, contiguous) packed two per byte into `out` (uint8, at least
     ceil(n/2) bytes); returns (float32 absmax per block, int32 count of non-finite inputs as a
-    1-element device tensor). `thresholds`: the 15 NF4 midpoints, or the 7 FP4 magnitude
-    thresholds and `mags` the magnitude nibbles between them."""
+    1-element device tensor). `thresholds`: a float32 device table of the 15 NF4 midpoints, or the
+    7 FP4 magnitude thresholds (`mags` the magnitude nibbles between them), padded with +inf to 16
+    or 8 entries."""
     n = x.numel()
     n_blocks = -(-n // blocksize)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     bad = torch.zeros(1, dtype=torch.int32, device=x.device)
     nb = max(1, VALUES_PER_PROGRAM // blocksize)
-    t = tuple(thresholds) + (0.0,) * (15 - len(thresholds))
-    _quant4_kernel[(triton.cdiv(n_blocks, nb),)](x.reshape(-1), out, absmax, bad, mags, n, (n + 1) // 2, n_blocks,
-                                                 *t, FP4=fp4, BLOCKSIZE=blocksize, NB=nb)
+    _quant4_kernel[(triton.cdiv(n_blocks, nb),)](x.reshape(-1), out, absmax, bad, thresholds, mags, n, (n + 1) // 2,
+                                                 n_blocks, FP4=fp4, BLOCKSIZE=blocksize, NB=nb, num_warps=NUM_WARPS)
     return absmax, bad
 
 

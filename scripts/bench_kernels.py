@@ -151,6 +151,38 @@ def sweep_gemv(rows: list) -> None:
               f"dequantize+cuBLAS {t_d * 1e3:6.1f} us", flush=True)
 
 
+def sweep_formats(rows: list, bw: float) -> None:
+    """Launch shapes of dequantize (bytes per program, warps, evict-first stores) and quantize (values
+    per program, warps) at two real sizes, bf16 NF4 with double quantization."""
+    from qtune.kernels import dequant as kd
+    from qtune.kernels import quantize as kq
+
+    for shape in ((13824, 5120), (28672, 8192)):
+        w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        packed, state = quantize_4bit(w, 64, "nf4", True)
+        nbytes = packed.numel() + state.absmax.numel() + w.numel() * 2
+        times = {}
+        for cfg in [(b, wp, ev) for b in (512, 1024, 2048, 4096) for wp in (4, 8) for ev in (False, True)]:
+            times[cfg] = do_bench(lambda: kd.dequantize_4bit(packed, state.absmax, state.code, state.shape, 64,
+                                                            torch.bfloat16, state.nested_tensors, config=cfg),
+                                  warmup=10, rep=50, return_mode="median")
+        best = min(times, key=times.get)
+        print(f"dequantize {shape}: best {times[best] * 1e3:.1f} us {best} ({nbytes / times[best] / 1e6 / bw:.0%} of "
+              f"copy); default {times[(kd.BYTES_PER_PROGRAM, kd.NUM_WARPS, kd.EVICT_FIRST)] * 1e3:.1f} us; all: "
+              + ", ".join(f"{k}: {v * 1e3:.1f}" for k, v in times.items()), flush=True)
+        default = (kq.VALUES_PER_PROGRAM, kq.NUM_WARPS)
+        qt = {}
+        for cfg in [(v, wp) for v in (1024, 2048, 4096) for wp in (4, 8)]:
+            kq.VALUES_PER_PROGRAM, kq.NUM_WARPS = cfg
+            qt[cfg] = bench(lambda: quantize_4bit(w, 64, "nf4", True))
+        kq.VALUES_PER_PROGRAM, kq.NUM_WARPS = default
+        qbest = min(qt, key=qt.get)
+        print(f"quantize   {shape}: best {qt[qbest] * 1e3:.1f} us {qbest}; default {qt[default] * 1e3:.1f} us; all: "
+              + ", ".join(f"{k}: {v * 1e3:.1f}" for k, v in qt.items()), flush=True)
+        rows.append({"op": "sweep_formats", "shape": shape, "dequant": {str(k): v for k, v in times.items()},
+                     "quantize": {str(k): v for k, v in qt.items()}})
+
+
 def _config_for(m: int):
     return mm._config(m, torch.bfloat16)
 
@@ -189,6 +221,7 @@ def sweep(rows: list) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="search the fused kernels' launch configs per M")
+    ap.add_argument("--sweep-formats", action="store_true", help="search dequantize's and quantize's launch shapes")
     ap.add_argument("--parts", nargs="+", choices=["formats", "matmul", "int8"], default=["formats", "matmul", "int8"],
                     help="which tables to measure (default: all)")
     args = ap.parse_args()
@@ -204,6 +237,8 @@ def main() -> None:
         bw = copy_bandwidth()
         rows.append({"op": "copy", "gbs": bw})
         print(f"device copy: {bw:.0f} GB/s")
+        if args.sweep_formats:
+            sweep_formats(rows, bw)
         if "formats" in args.parts:
             bench_formats(rows, bw)
         if "matmul" in args.parts:

@@ -57,8 +57,8 @@ def main() -> None:
                "stride_dxm": "i32"}
         c = {"BS": 64, "NESTED": nested, "DOT": dot, "PRECISION": prec, "BLOCK_M": 16, "BLOCK_N": 64}
         print(f"bwd sm_{arch} {dt} nested={nested}: {compile_one(mm._bwd_kernel, sig, c, arch)}")
-        sig = {"x_ptr": P[dt], "packed_ptr": "*u8", "absmax_ptr": "*fp32", "bad_ptr": "*i32", "mags_ptr": "*u8",
-               "n": "i64", "n_bytes": "i64", "n_blocks": "i64", **{f"T{i}": "fp32" for i in range(15)}}
+        sig = {"x_ptr": P[dt], "packed_ptr": "*u8", "absmax_ptr": "*fp32", "bad_ptr": "*i32", "t_ptr": "*fp32",
+               "mags_ptr": "*u8", "n": "i64", "n_bytes": "i64", "n_blocks": "i64"}
         for fp4 in (False, True):
             c = {"FP4": fp4, "BLOCKSIZE": 64, "NB": 32}
             print(f"quant4 sm_{arch} {dt} fp4={fp4}: {compile_one(kq._quant4_kernel, sig, c, arch)}")
@@ -67,7 +67,7 @@ def main() -> None:
                "n_bytes": "i64", "n": "i64", "n_blocks": "i64", "nested_absmax_ptr": "*fp32",
                "nested_code_ptr": "*fp32", "offset_ptr": "*fp32"}
         for bs in (64, 4096):
-            c = {"BLOCKSIZE": bs, "NESTED": nested, "OUT": dt, "NB": max(1, 2048 // bs)}
+            c = {"BLOCKSIZE": bs, "NESTED": nested, "OUT": dt, "NB": max(1, 2048 // bs), "EVICT": "evict_first"}
             print(f"dequant sm_90 {dt} nested={nested} bs={bs}: {compile_one(dq._dequant4_kernel, sig, c, 90)}")
     sig = {"x_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "q_ptr": "*u8", "absmax_ptr": "*fp32",
            "n": "i32"}

@@ -44,6 +44,21 @@ open('/tmp/trainprof_paths', 'w').write(b.ensure_model(4) + ' ' + b.ensure_data(
     optim.warmup_steps=0 > "$OUT/profile_train.log" 2>&1
   sed -n '/steps in/,$p' "$OUT/profile_train.log" | head -40
 fi
+if has t4; then  # issue 9's full-model run: 40-layer 13B shape, recipe llama13b_t4, capped at 15 GiB like a T4
+  [ -f /tmp/l13/config.json ] || python3 scripts/make_random_model.py --shape llama2-13b --out /tmp/l13 \
+    > "$OUT/make_l13.log" 2>&1
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python3 -m qtune.train recipe=llama13b_t4 model.name=/tmp/l13 \
+    data.path=$PWD/qtune/assets/tiny_instructions.jsonl data.packing=true train.max_steps=${T4_STEPS:-15} \
+    train.log_every=5 train.eval_every=100000 train.save_every=100000 train.memory_limit_gib=15 \
+    hydra.run.dir=/tmp/t4run > "$OUT/t4_train.log" 2>&1
+  cp /tmp/t4run/metrics.jsonl "$OUT/t4_metrics.jsonl" 2>/dev/null
+  python3 -c "import json, sys; sys.path.insert(0, 'scripts'); import bench_multigpu as b
+recs = [json.loads(l) for l in open('/tmp/t4run/metrics.jsonl')]
+steady, whole = b.steady_tokens_per_s(recs)
+mem = max(r.get('gpu_mem_gib', 0) for r in recs)
+print(f't4: steady {steady:.0f} tokens/s (whole run {whole:.0f}), peak {mem:.2f} GiB, loss', [round(r['loss'], 3) for r in recs if 'loss' in r])"
+  tail -3 "$OUT/t4_train.log"
+fi
 if has multigpu; then  # work under /tmp (a datasets cache is too many files to bring back); logs to $OUT
   python3 scripts/bench_multigpu.py --gpus 2 --steps 12 --work /tmp/multigpu > "$OUT/bench_multigpu.log" 2>&1
   cp /tmp/multigpu/*.log /tmp/multigpu/*.json "$OUT/" 2>/dev/null

@@ -65,8 +65,9 @@ def _non_finite_error(bad: int, A: torch.Tensor, name: str) -> ValueError:
 
 @functools.cache
 def _device_tables(quant_type: str, device: torch.device):
-    """(code table, rounding thresholds as floats, FP4 magnitude nibbles or None, nested 8-bit map) on
-    `device`, copied there once: a host-to-device copy per quantized tensor would stall the stream."""
+    """(code table, rounding thresholds padded with +inf to 16 (NF4) or 8 (FP4) entries, FP4 magnitude
+    nibbles or None, nested 8-bit map) on `device`, copied there once: a host-to-device copy per
+    quantized tensor would stall the stream."""
     from .codes import code_table, dynamic_map, fp4_magnitude_tables, nf4_thresholds
 
     if quant_type == "nf4":
@@ -74,7 +75,8 @@ def _device_tables(quant_type: str, device: torch.device):
     else:
         thresholds, mags = fp4_magnitude_tables()
         mags = mags.to(device)
-    return code_table(quant_type).to(device), tuple(thresholds.tolist()), mags, dynamic_map(True).to(device)
+    thresholds = torch.cat([thresholds.float(), torch.tensor([float("inf")])])
+    return code_table(quant_type).to(device), thresholds.to(device), mags, dynamic_map(True).to(device)
 
 
 def _quantize_4bit_kernel(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool,
