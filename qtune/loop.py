@@ -15,7 +15,7 @@ from .data import build_datasets, collate, pack
 from .distributed import Group
 from .loss import causal_lm_loss
 from .metrics import MetricsLogger
-from .model import PRECISIONS, autocast_dtype_for, ensure_built, load_model
+from .model import PRECISIONS, autocast, autocast_dtype_for, ensure_built, load_model
 
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw8bit", "adam8bit", "adamw")
@@ -106,7 +106,7 @@ def evaluate(model, items: list, micro_batch: int, pad_id: int, device, autocast
     for i in range(0, len(items), micro_batch):
         batch = _to(collate(items[i:i + micro_batch], pad_id, mask_dtype, device=device), device, None)
         n = int((batch["labels"][:, 1:] != -100).sum())
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             loss = causal_lm_loss(model, batch)
         total, tokens = total + float(loss) * n, tokens + n
     model.train()
@@ -243,7 +243,7 @@ def train(cfg, resolved: dict) -> dict:
                 n_tok += n  # counted on the host: no sync
                 batch = _to(batch, device, None)
                 position += 1
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                with autocast(device, autocast_dtype):
                     loss = causal_lm_loss(model, batch)
                 scaler.scale(loss / t.grad_accum).backward()
                 loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach().double()

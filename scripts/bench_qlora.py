@@ -183,7 +183,7 @@ def loop_loss(choice: str):
 def stack_c(path, args, seq, device):
     from qtune import loop
     from qtune.distributed import Group
-    from qtune.model import autocast_dtype_for, load_model
+    from qtune.model import autocast, autocast_dtype_for, load_model
 
     cfg = run_config(path, args, seq, device)
     t = cfg.train
@@ -200,7 +200,7 @@ def stack_c(path, args, seq, device):
     model.train()
 
     def step(batch) -> float:  # the body of qtune.loop.train's step, one process, grad_accum 1
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):  # the loop's autocast
             loss = loss_fn(model, batch)
         scaler.scale(loss / t.grad_accum).backward()
         loss_val = float(loss.detach())

@@ -293,25 +293,32 @@ class Adam8bit(torch.optim.Optimizer):
         position = {id(p): i for i, p in enumerate(params)}
         groups: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
-            st = self._init_state(p)
-            groups.setdefault((p.dtype, "absmax1" in st), []).append(p)
+            st = self.state[p]
+            eight_bit = "absmax1" in st if st else p.numel() >= self.min_8bit_size  # as _init_state decides
+            groups.setdefault((p.dtype, eight_bit), []).append(p)
         buckets = []
         for (dtype, eight_bit), ps in groups.items():
             numels = [_local(p).numel() for p in ps]
             elem_offs = np.cumsum([0] + [-(-n // 16) * 16 for n in numels[:-1]]).tolist()  # 16-aligned segments
             blocks = [-(-n // BLOCK) for n in numels]
             block_offs = np.cumsum([0] + blocks[:-1]).tolist()
+            fresh = [not self.state[p] for p in ps]  # new states are made in place in the flat buffers
             flat = {}
             names = ("state1", "state2", "absmax1", "absmax2") if eight_bit else ("state1", "state2")
             for name in names:
-                parts = [self.state[p][name].reshape(-1) for p in ps]
-                offs = block_offs if name.startswith("absmax") else elem_offs
-                flat[name] = parts[0].new_zeros(offs[-1] + parts[-1].numel(), device=device)
-                for part, off in zip(parts, offs):
-                    flat[name][off: off + part.numel()] = part
-                for p, part, off in zip(ps, parts, offs):
-                    view = flat[name][off: off + part.numel()]
-                    self.state[p][name] = view if name.startswith("absmax") else view.view(_local(p).shape)
+                absmax = name.startswith("absmax")
+                offs, sizes = (block_offs, blocks) if absmax else (elem_offs, numels)
+                fill = 127 if eight_bit and name == "state1" else 0  # the signed map's zero code
+                kind = torch.uint8 if eight_bit and not absmax else torch.float32
+                flat[name] = torch.full((offs[-1] + sizes[-1],), fill, dtype=kind, device=device)
+                for p, off, n, new in zip(ps, offs, sizes, fresh):
+                    view = flat[name][off: off + n]
+                    if not new:
+                        view.copy_(self.state[p][name].reshape(-1))
+                    self.state[p][name] = view if absmax else view.view(_local(p).shape)
+            for p, new in zip(ps, fresh):
+                if new:
+                    self.state[p]["step"] = 0
             as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
             steps = torch.tensor([int(self.state[p]["step"]) for p in ps], dtype=torch.int64)
             for i, p in enumerate(ps):
