@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
 from .rounding import to_dtype_rne
 
 BLOCK = 256  # values per absmax block
@@ -223,6 +224,7 @@ def element_offsets(addrs: list[int], base: int, itemsize: int) -> tuple[list[in
     return [(a - base) // itemsize for a in addrs], max(align // itemsize, 1)
 
 
+@on_tensor_device
 def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_offs: torch.Tensor, align: int,
               numels: torch.Tensor, elem_offs: torch.Tensor, block_offs: torch.Tensor,
               scalars: torch.Tensor | tuple[float, float], state1: torch.Tensor, state2: torch.Tensor,

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
 from .rounding import to_dtype_rne
 
 # Launch shape (scripts/bench_kernels.py --sweep-formats): packed bytes per program, warps, and whether
@@ -42,6 +43,7 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, n, n_bl
     tl.store(out_ptr + e, to_dtype_rne(vals, OUT), mask=e < n, eviction_policy=EVICT)
 
 
+@on_tensor_device
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: torch.Size,
                     blocksize: int, dtype: torch.dtype, nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
                     out: torch.Tensor | None = None, config: tuple[int, int, bool] | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
 from .rounding import to_dtype_rne
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -30,6 +31,7 @@ def _outlier_columns_kernel(x_ptr, out_ptr, M, K, stride_xm, threshold,
     tl.store(out_ptr + cols, hit.to(tl.uint8), mask=(cols < K) & (hit > 0))
 
 
+@on_tensor_device
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """uint8 mask (K,) of the columns of x (M x K, unit column stride) holding a value with
     |x| >= threshold, as (x.abs() >= threshold).any(0) in float32. No host synchronisation."""
@@ -71,6 +73,7 @@ def _quantize_rows_kernel(x_ptr, mask_ptr, codes_ptr, absmax_ptr, K, stride_xm,
         tl.store(c_row + cols, q.to(tl.int8), mask=cols < K)
 
 
+@on_tensor_device
 def quantize_rows(x: torch.Tensor, mask: torch.Tensor | None = None, codes: torch.Tensor | None = None,
                   absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes (M x K), float32 absmax (M,)) of the rows of x (M x K, float32/16, unit column
@@ -148,6 +151,7 @@ def _matmul_config(M: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+@on_tensor_device
 def int8_matmul(a: torch.Tensor, a_absmax: torch.Tensor, w: torch.Tensor, w_absmax: torch.Tensor,
                 dtype: torch.dtype, bias: torch.Tensor | None = None, add: torch.Tensor | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
 from .rounding import to_dtype_rne
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -269,6 +270,7 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
     return lock
 
 
+@on_tensor_device
 def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, N: int, blocksize: int,
             nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None = None,
             config: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -294,6 +296,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     return y
 
 
+@on_tensor_device
 def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, N: int, blocksize: int,
          nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None = None,
          config: tuple[int, int, int, int, bool] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -315,6 +318,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     return y
 
 
+@on_tensor_device
 def backward(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, K: int, blocksize: int,
              nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
              config: tuple[int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
+
 VALUES_PER_PROGRAM = 2048  # launch shape, read at launch (scripts/bench_kernels.py --sweep-formats)
 NUM_WARPS = 4
 
@@ -79,6 +81,7 @@ def _quant8_kernel(x_ptr, offset_ptr, code_ptr, q_ptr, absmax_ptr, n, BLOCKSIZE:
     tl.store(absmax_ptr + row, absmax)
 
 
+@on_tensor_device
 def quantize_4bit(x: torch.Tensor, blocksize: int, fp4: bool, thresholds: torch.Tensor, mags: torch.Tensor,
                   out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes of x (any float dtype, contiguous) packed two per byte into `out` (uint8, at least
@@ -96,6 +99,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, fp4: bool, thresholds: torch.
     return absmax, bad
 
 
+@on_tensor_device
 def quantize_blockwise_8bit(x: torch.Tensor, offset: torch.Tensor, code: torch.Tensor,
                             blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes, float32 absmax per block) of x - offset (offset a 0-d device tensor) with the

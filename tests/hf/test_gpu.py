@@ -64,8 +64,14 @@ def test_bitsandbytes_checkpoint_loads_in_qtune_and_back(bf16_dir, tmp_path):
 def test_device_maps_and_offload(bf16_dir):
     model = AutoModelForCausalLM.from_pretrained(bf16_dir, quantization_config=QuantConfig(**BNB_ARGS),
                                                  device_map="auto")
-    assert model.hf_device_map == {"": 0}
+    # one GPU: all of it there; several: accelerate spreads the layers, each quantized, and run, on its
+    # own GPU (Triton launches on the current device: the kernels make the tensors' device current)
+    devices = set(model.hf_device_map.values())
+    assert devices == {0} if torch.cuda.device_count() == 1 else devices <= set(range(torch.cuda.device_count()))
     assert all(p.device.type == "cuda" for p in model.parameters())
+    tok = AutoTokenizer.from_pretrained(bf16_dir)
+    ids = tok("Hello my name is", return_tensors="pt").to(0)
+    assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 4
     device_map = {"model.embed_tokens": 0, "model.layers": 0, "model.norm": 0, "model.rotary_emb": 0,
                   "lm_head": "cpu"}
     with pytest.raises(ValueError, match="llm_int8_enable_fp32_cpu_offload"):
@@ -76,8 +82,6 @@ def test_device_maps_and_offload(bf16_dir):
         device_map=device_map)
     assert type(model.lm_head) is nn.Linear and model.hf_device_map["lm_head"] == "cpu"
     assert all(m.weight.device.type == "cuda" for m in model.modules() if isinstance(m, Linear4bit))
-    tok = AutoTokenizer.from_pretrained(bf16_dir)
-    ids = tok("Hello my name is", return_tensors="pt").to(0)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 8
 
