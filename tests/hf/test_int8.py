@@ -123,3 +123,22 @@ def test_logits_against_bitsandbytes_load_in_8bit(tmp_path):
     print(f"bnb checkpoint in qtune vs bnb: {rel_err(lback, lb):.2e}; qtune checkpoint in bnb vs qtune: "
           f"{rel_err(lagain, lq):.2e}")
     assert rel_err(lback, lb) < 2e-2 and rel_err(lagain, lq) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_load_in_8bit_spread_over_gpus(tmp_path):
+    """device_map="auto" on several GPUs (accelerate spreads the layers): each 8-bit layer is
+    quantized and run on its own GPU, and the logits equal the one-GPU model's."""
+    from qtune.hf.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16, hidden=256, layers=4)
+    q = qtune.QuantConfig(load_in_8bit=True)
+    one = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": 0})
+    spread = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="auto")
+    devices = {m.weight.device.index for m in spread.modules() if isinstance(m, Linear8bit)}
+    assert len(devices) > 1, spread.hf_device_map
+    x = torch.randint(4, 99, (2, 32), device="cuda:0")
+    with torch.no_grad():
+        a, b = one(x).logits.float(), spread(x).logits.float().to(a.device)
+    assert rel_err(b, a) < 1e-6
