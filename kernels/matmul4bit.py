@@ -92,8 +92,13 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
                 y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                 BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                 PRECISION: tl.constexpr, LUT_IN_MEMORY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                SPLIT_K: tl.constexpr):
-    """SPLIT_K > 1: program (n, m, k) walks the k-th of SPLIT_K runs of absmax blocks (more programs
+                SPLIT_K: tl.constexpr, NBLK: tl.constexpr):
+    """Each iteration takes NBLK absmax blocks of K (NBLK > 1: longer contiguous byte loads per row;
+    the weights are scaled by their absmax and rounded to the compute dtype before the dot, as
+    dequantize + matmul does; NBLK = 1 scales the float32 partial product instead). The launcher makes
+    every run a whole number of NBLK-block groups.
+
+    SPLIT_K > 1: program (n, m, k) walks the k-th of SPLIT_K runs of absmax blocks (more programs
     and more bytes in flight when M is small), writes its float32 partial to the workspace and
     counts itself in the tile's lock; the last to arrive sums the partials in a fixed order (the
     result does not depend on who is last), stores the tile and resets the lock for the next launch."""
@@ -102,35 +107,42 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
     pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    h = tl.arange(0, BS // 2)
+    h = tl.arange(0, NBLK * BS // 2)
+    g = tl.arange(0, NBLK)
     m_mask, n_mask = rm < M, rn < N
     blocks_per_row = K // BS
-    per = tl.cdiv(blocks_per_row, SPLIT_K)
+    per = tl.cdiv(tl.cdiv(blocks_per_row, SPLIT_K), NBLK) * NBLK
     kb0 = pid_k * per
     kb1 = tl.minimum(kb0 + per, blocks_per_row)
-    last = tl.maximum(kb1 - 1, 0)  # an empty run (kb0 >= kb1) loads block `last` and adds nothing
-    x_offs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BS)[None, :]
-    w_cols = rn.to(tl.int64)[None, :] * stride_wn + h[:, None]  # (BS/2, BLOCK_N) byte offsets
-    blk = rn.to(tl.int64) * blocks_per_row
+    last = tl.maximum(kb1 - NBLK, 0)  # an empty run (kb0 >= kb1) loads group `last` and adds nothing
+    x_offs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + tl.arange(0, NBLK * BS)[None, :]
+    w_cols = rn.to(tl.int64)[None, :] * stride_wn + h[:, None]  # (NBLK * BS/2, BLOCK_N) byte offsets
+    blk = rn.to(tl.int64)[None, :] * blocks_per_row + g[:, None]  # (NBLK, BLOCK_N) absmax indices
     offset = tl.load(offset_ptr) if NESTED else 0.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    table = _table(code_ptr, BLOCK_N, 0, DOT)
-    # Every global load of block kb + 1 is issued before block kb computes (one block of lookahead).
+    LUT: tl.constexpr = DOT if NBLK == 1 else tl.float32  # codes scaled in float32 first when NBLK > 1
+    table = _table(code_ptr, BLOCK_N, 0, LUT)
+    # Every global load of group kb + NBLK is issued before group kb computes (one group of lookahead).
     k_first = tl.minimum(kb0, last)
     byte = tl.load(packed_ptr + w_cols + k_first * (BS // 2), mask=n_mask[None, :], other=0)
     xv = tl.load(x_offs + k_first * BS, mask=m_mask[:, None], other=0.0)
-    stored = tl.load(absmax_ptr + blk + k_first, mask=n_mask, other=0)
-    for kb in range(kb0, kb1):
-        kn = tl.minimum(kb + 1, last)
+    stored = tl.load(absmax_ptr + blk + k_first, mask=n_mask[None, :], other=0)
+    for kb in range(kb0, kb1, NBLK):
+        kn = tl.minimum(kb + NBLK, last)
         byte_n = tl.load(packed_ptr + w_cols + kn * (BS // 2), mask=n_mask[None, :], other=0)
         xv_n = tl.load(x_offs + kn * BS, mask=m_mask[:, None], other=0.0)
-        stored_n = tl.load(absmax_ptr + blk + kn, mask=n_mask, other=0)
-        xe, xo = tl.split(xv.reshape(BLOCK_M, BS // 2, 2))  # even and odd columns of X
-        hi, lo = _lookup(code_ptr, table, byte, 0, LUT_IN_MEMORY, DOT)
-        part = tl.dot(xe.to(DOT), hi, input_precision=PRECISION)
-        part = tl.dot(xo.to(DOT), lo, part, input_precision=PRECISION)
-        am = _absmax(stored, blk + kb, n_mask, nested_absmax_ptr, nested_code_ptr, offset, NESTED)
-        acc += part * am[None, :]
+        stored_n = tl.load(absmax_ptr + blk + kn, mask=n_mask[None, :], other=0)
+        xe, xo = tl.split(xv.reshape(BLOCK_M, NBLK * BS // 2, 2))  # even and odd columns of X
+        hi, lo = _lookup(code_ptr, table, byte, 0, LUT_IN_MEMORY, LUT)
+        am = _absmax(stored, blk + kb, n_mask[None, :], nested_absmax_ptr, nested_code_ptr, offset, NESTED)
+        if NBLK == 1:
+            part = tl.dot(xe.to(DOT), hi, input_precision=PRECISION)
+            part = tl.dot(xo.to(DOT), lo, part, input_precision=PRECISION)
+            acc += part * tl.sum(am, axis=0)[None, :]
+        else:
+            scale = tl.broadcast_to(am[:, None, :], (NBLK, BS // 2, BLOCK_N)).reshape(NBLK * BS // 2, BLOCK_N)
+            acc = tl.dot(xe.to(DOT), (hi * scale).to(DOT), acc, input_precision=PRECISION)
+            acc = tl.dot(xo.to(DOT), (lo * scale).to(DOT), acc, input_precision=PRECISION)
         byte, xv, stored = byte_n, xv_n, stored_n
     if SPLIT_K == 1:
         _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
@@ -258,6 +270,18 @@ def _nested_args(absmax, nested):
     return nested if nested is not None else (absmax, absmax, absmax)
 
 
+def _runs(blocks: int, split_k: int = 1, nblk: int = 1) -> tuple[int, int]:
+    """(SPLIT_K, NBLK) for `blocks` absmax blocks per row: at most one run per block, and with NBLK > 1
+    runs of equal length that are whole groups of NBLK (split and group size lowered until they fit)."""
+    split_k = max(1, min(split_k, blocks))
+    if nblk > 1:
+        while blocks % split_k:
+            split_k -= 1
+        while nblk > 1 and (blocks // split_k) % nblk:
+            nblk //= 2
+    return split_k, nblk
+
+
 _LOCKS: dict[tuple[int, int], torch.Tensor] = {}
 
 
@@ -276,13 +300,14 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
             config: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K, unit stride along K) @ deq(W)^T (+ bias) -> (M, N) in x's dtype. `packed` is any
     dtype viewed as bytes; absmax float32, or uint8 codes with nested = (nested_absmax,
-    nested_code, offset). `config`: as _config returns (SPLIT_K may be left off)."""
+    nested_code, offset). `config`: as _config returns, optionally with NBLK (absmax blocks per
+    iteration) after SPLIT_K."""
     M, K = x.shape
     if config is None and M <= GEMV_MAX_M:
         return gemv(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    bm, bn, warps, stages, lut_mem, *split = config or _config(M, x.dtype)
-    split_k = min(split[0] if split else 1, K // blocksize)
+    bm, bn, warps, stages, lut_mem, *rest = config or _config(M, x.dtype)
+    split_k, nblk = _runs(K // blocksize, *rest)
     dot, precision = _dot_dtype(x.dtype)
     na, nc, off = _nested_args(absmax, nested)
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split_k)
@@ -292,7 +317,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
                       bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0),
                       BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, DOT=dot,
                       PRECISION=precision, LUT_IN_MEMORY=lut_mem, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k,
-                      num_warps=warps, num_stages=1 if lut_mem else stages)
+                      NBLK=nblk, num_warps=warps, num_stages=1 if lut_mem else stages)
     return y
 
 

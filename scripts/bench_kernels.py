@@ -108,15 +108,15 @@ def bench_matmul(rows: list) -> None:
               f"{times['bf16'] / times['qtune']:.2f}x bf16")
 
 
-def _candidates(m: int) -> list[tuple[int, int, int, int, bool, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, code table in memory, SPLIT_K) to try at m rows."""
+def _candidates(m: int) -> list[tuple[int, int, int, int, bool, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, code table in memory, SPLIT_K, NBLK) to try at m rows."""
     if m <= 16:
-        return [(16, bn, 4, st, False, sk) for bn in (32, 64) for st in (3, 4) for sk in (1, 2, 4, 8)] + \
-            [(16, bn, 4, 1, True, sk) for bn in (32, 64) for sk in (1, 4)]
+        return [(16, bn, 4, st, False, sk, nb) for bn in (32, 64) for st in (3, 4) for sk in (1, 2, 4, 8)
+                for nb in (1, 2, 4)] + [(16, bn, 4, 1, True, sk, 1) for bn in (32, 64) for sk in (1, 4)]
     bms = {32: (32,), 64: (64,), 128: (64, 128)}.get(m, (128,))
-    return [(bm, bn, w, st, False, sk) for bm in bms for bn in (64, 128) for w in ((4, 8) if bm >= 128 else (4,))
-            for st in (3, 4) for sk in (1, 2, 4) if bm * bn <= 256 * 128] + \
-        [(bm, 64, 4, 1, True, 1) for bm in bms]
+    return [(bm, bn, w, st, False, sk, nb) for bm in bms for bn in (64, 128) for w in ((4, 8) if bm >= 128 else (4,))
+            for st in (3, 4) for sk in (1, 2, 4) for nb in (1, 2) if bm * bn <= 256 * 128] + \
+        [(bm, 64, 4, 1, True, 1, 1) for bm in bms]
 
 
 def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, bool]]:
@@ -187,12 +187,12 @@ def _config_for(m: int):
     return mm._config(m, torch.bfloat16)
 
 
-def sweep(rows: list) -> None:
+def sweep(rows: list, ms: tuple[int, ...] = (1, 16, 32, 64, 128, 256)) -> None:
     """Launch configs of the fused kernels against dequantize + cuBLAS, per M."""
     sweep_gemv(rows)
     _, q, _ = layers()
     s = q.quant_state
-    for m in (1, 16, 32, 64, 128, 256):
+    for m in ms:
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn(m, N, device="cuda", dtype=torch.bfloat16)
         t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
@@ -200,7 +200,7 @@ def sweep(rows: list) -> None:
         best = {}
         for cfg in _candidates(m):
             kinds = [("fwd", lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg))]
-            if m <= 64 and cfg[1] <= 64 and cfg[5] == 1:  # the input-gradient kernel has no split-K
+            if m <= 64 and cfg[1] <= 64 and cfg[5:] == (1, 1):  # the input-gradient kernel has neither
                 kinds.append(("bwd", lambda: mm.backward(dy, q.weight, s.absmax, s.code, K, 64, s.nested_tensors,
                                                          config=cfg)))
             for kind, fn in kinds:
@@ -222,6 +222,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="search the fused kernels' launch configs per M")
     ap.add_argument("--sweep-formats", action="store_true", help="search dequantize's and quantize's launch shapes")
+    ap.add_argument("--sweep-m", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256],
+                    help="the rows --sweep tries (each M compiles and times tens of configs)")
     ap.add_argument("--parts", nargs="+", choices=["formats", "matmul", "int8"], default=["formats", "matmul", "int8"],
                     help="which tables to measure (default: all)")
     args = ap.parse_args()
@@ -232,7 +234,7 @@ def main() -> None:
           f"bitsandbytes {bnb.__version__}")
     rows: list = []
     if args.sweep:
-        sweep(rows)
+        sweep(rows, tuple(args.sweep_m))
     else:
         bw = copy_bandwidth()
         rows.append({"op": "copy", "gbs": bw})

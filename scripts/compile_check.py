@@ -39,13 +39,14 @@ def main() -> None:
         prec = "ieee" if dt == tl.float32 else "tf32"
         common = {"packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
                   "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32"}
-        for bm, bn, w, st, sk in ((16, 64, 4, 3, 8), (32, 128, 4, 4, 2), (64, 128, 4, 3, 2), (32, 64, 4, 3, 2),
-                                  (64, 64, 4, 3, 2), (128, 128, 8, 3, 1)):
+        for bm, bn, w, st, sk, nb in ((16, 64, 4, 3, 8, 1), (16, 64, 4, 3, 4, 4), (32, 128, 4, 4, 2, 2),
+                                      (64, 128, 4, 3, 2, 1), (32, 64, 4, 3, 2, 4), (64, 64, 4, 3, 2, 2),
+                                      (128, 128, 8, 3, 1, 1)):
             sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "ws_ptr": "*fp32", "lock_ptr": "*i32",
                    "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
             c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "DOT": dot, "PRECISION": prec,
-                 "LUT_IN_MEMORY": bm == 64, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk}
-            print(f"fwd sm_{arch} {dt} nested={nested} {bm}x{bn} split {sk}: "
+                 "LUT_IN_MEMORY": bm == 64, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk, "NBLK": nb}
+            print(f"fwd sm_{arch} {dt} nested={nested} {bm}x{bn} split {sk} nblk {nb}: "
                   f"{compile_one(mm._fwd_kernel, sig, c, arch, w, st)}")
         sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}

@@ -53,20 +53,29 @@ def test_kernels_match_reference(M, N, K, quant_type, blocksize, double_quant, d
     assert rel_err(dx, dy.float() @ W) < BOUND[dtype]
 
 
-@pytest.mark.parametrize("split_k", [2, 4])
-def test_split_k_forward(split_k):
+@pytest.mark.parametrize("split_k,nblk,K", [(2, 1, 320), (4, 1, 320), (1, 2, 512), (2, 4, 1024), (4, 2, 320)])
+def test_split_k_and_block_groups_forward(split_k, nblk, K):
     """Split-K: K = 5 absmax blocks in 2 or 4 runs (one of them empty), partials summed by the last
-    program of each tile; twice in a row (the tile locks must be left at zero)."""
-    M, N, K = 5, 80, 320
+    program of each tile; twice in a row (the tile locks must be left at zero). NBLK absmax blocks per
+    iteration (lowered by the launcher where runs do not divide: 5 blocks take split 1... with groups)."""
+    M, N = 5, 80
     packed, state, W = _weight(N, K)
     bias = torch.randn(N, device=DEVICE).to(torch.float16)
     for _ in range(2):
         x = torch.randn(M, K, device=DEVICE).to(torch.float16)
         y = torch.full((M, N), float("nan"), dtype=torch.float16, device=DEVICE)
         mm.forward(x, packed, state.absmax, state.code, N, 64, state.nested_tensors, bias,
-                   (16, 32, 4, 3, False, split_k), y)
+                   (16, 32, 4, 3, False, split_k, nblk), y)
         assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[torch.float16]
     assert int(mm._locks(torch.device(DEVICE), 1).abs().sum()) == 0
+
+
+def test_runs_fit_the_blocks():
+    assert mm._runs(80, 8, 4) == (8, 2)  # 10 blocks per run: groups of 2
+    assert mm._runs(80, 4, 4) == (4, 4)
+    assert mm._runs(5, 4, 2) == (1, 1)  # 5 blocks: one run, no even groups
+    assert mm._runs(5, 4, 1) == (4, 1)  # uneven runs are fine one block at a time
+    assert mm._runs(2, 8) == (2, 1)
 
 
 def test_nan_input_propagates():
