@@ -31,6 +31,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from make_random_model import cached_random_model  # noqa: E402
 LOG_EVERY = 5
 
 
@@ -38,17 +40,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def ensure_model(layers: int) -> str:
-    """The random model, built once under $QTUNE_CACHE/bench (not the work directory: that may be $OUT,
-    which should carry back results, not 3 GB of weights)."""
-    cache = os.path.join(os.environ.get("QTUNE_CACHE", os.path.expanduser("~/.cache/qtune")), "bench")
-    path = os.path.join(cache, f"llama2-13b-random-L{layers}-bf16")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_random_model.py"), "--shape",
-                        "llama2-13b", "--layers", str(layers), "--dtype", "bfloat16", "--out", path], check=True)
-    return path
 
 
 def ensure_data(work: str, copies: int = 6) -> str:
@@ -128,7 +119,9 @@ def main() -> None:
 
     os.makedirs(a.work, exist_ok=True)
     t0 = time.time()
-    model, data = a.model or ensure_model(a.layers), ensure_data(a.work)
+    # the random model lives in $QTUNE_CACHE/bench, not the work directory: that may be $OUT, which
+    # should carry back results, not 3 GB of weights
+    model, data = a.model or cached_random_model("llama2-13b", a.layers, "bfloat16"), ensure_data(a.work)
     print(f"model + data ready in {time.time() - t0:.0f} s", flush=True)
     results, failed = [], []
     if "one" in a.only:

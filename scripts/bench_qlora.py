@@ -40,7 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_random_model import build_random_model  # noqa: E402
+from make_random_model import cached_random_model  # noqa: E402
 
 ACCEPT = {"C/A tokens_per_s": (">=", 1.7), "C/B tokens_per_s": (">=", 0.95), "C/A peak_mem": ("<=", 0.8)}
 QUALITY_TOL = 0.02
@@ -51,23 +51,11 @@ def gib(n: int) -> float:
     return n / 2**30
 
 
-def cache_root() -> str:
-    return os.path.join(os.environ.get("QTUNE_CACHE", os.path.expanduser("~/.cache/qtune")), "bench")
-
-
 def ensure_model(args) -> str:
-    """The random checkpoint, built once (atomically) into the cache."""
-    name = f"llama2-13b-random-L{args.layers}" + ("-tiny" if args.cpu_smoke else "")
-    path = args.model_dir or os.path.join(cache_root(), name)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    overrides = TINY if args.cpu_smoke else {}
-    build_random_model(tmp, "llama2-13b", args.layers, "float32" if args.cpu_smoke else "bfloat16", **overrides)
-    os.replace(tmp, path)
-    free()
-    return path
+    """The random checkpoint (shared with the other benchmarks), or --model-dir."""
+    return cached_random_model("llama2-13b", args.layers, "float32" if args.cpu_smoke else "bfloat16",
+                               "-tiny" if args.cpu_smoke else "", args.model_dir,
+                               **(TINY if args.cpu_smoke else {}))
 
 
 def free() -> None:

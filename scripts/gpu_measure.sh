@@ -36,7 +36,8 @@ if has optim; then
 fi
 if has trainprof; then  # qtune.train's loop on the 4-layer 13B-shaped model, as bench_multigpu runs it
   python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench_multigpu as b; \
-open('/tmp/trainprof_paths', 'w').write(b.ensure_model(4) + ' ' + b.ensure_data('/tmp'))" > "$OUT/trainprof_setup.log" 2>&1
+open('/tmp/trainprof_paths', 'w').write(b.cached_random_model('llama2-13b', 4, 'bfloat16') + ' ' + b.ensure_data('/tmp'))" \
+    > "$OUT/trainprof_setup.log" 2>&1
   read -r model data < /tmp/trainprof_paths
   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python3 scripts/profile_train.py recipe=llama2_7b model.name=$model \
     model.dtype=bfloat16 data.path=$data data.eval_fraction=0.01 train.seq_len=1024 train.micro_batch=1 \

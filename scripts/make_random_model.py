@@ -2,11 +2,15 @@
 for benchmarks and GPU acceptance runs without downloading weights.
 
     python scripts/make_random_model.py --shape llama2-13b --out /tmp/llama2-13b-random [--layers 40]
+
+The benchmarks share theirs through `cached_random_model` (under $QTUNE_CACHE/bench, built once).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import time
 
 import torch
@@ -41,6 +45,24 @@ def build_random_model(out: str, shape: str = "llama2-13b", layers: int | None =
     n = sum(p.numel() for p in model.parameters())
     print(f"saved {shape} ({config.num_hidden_layers} layers, {n / 1e9:.2f}B parameters) to {out} "
           f"in {time.time() - t0:.0f} s")
+    return out
+
+
+def cached_random_model(shape: str = "llama2-13b", layers: int | None = None, dtype: str = "bfloat16", tag: str = "",
+                        out: str | None = None, **overrides) -> str:
+    """The path of a random model of `shape`, built once if missing (into a temporary directory renamed
+    into place) under $QTUNE_CACHE/bench, or at `out`: one copy per machine for all the benchmarks."""
+    if out is None:
+        root = os.path.join(os.environ.get("QTUNE_CACHE", os.path.expanduser("~/.cache/qtune")), "bench")
+        out = os.path.join(root, f"{shape}-random-L{layers or SHAPES[shape]['num_hidden_layers']}-{dtype}{tag}")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        tmp = f"{out}.tmp-{os.getpid()}"
+        build_random_model(tmp, shape, layers, dtype, **overrides)
+        os.replace(tmp, out)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return out
 
 
