@@ -10,21 +10,19 @@ import triton.language as tl
 from .device import on_tensor_device
 from .rounding import to_dtype_rne
 
-# Launch shape (scripts/bench_kernels.py --sweep-formats): packed bytes per program, warps, and whether
-# the output is stored with an evict-first hint. Measured on an H100, bf16 NF4 + double quant: 4096
-# bytes and 4 warps 68.3 us at 13824x5120 (87% of copy bandwidth) and 207 us at 28672x8192 (95%),
-# against 79.4 / 249.7 us with 1024 bytes; 8 warps and the hint were no faster.
+# Launch shape (scripts/bench_kernels.py --sweep-formats): packed bytes per program and warps. Measured
+# on an H100, bf16 NF4 + double quant: 4096 bytes and 4 warps 68.3 us at 13824x5120 (87% of copy
+# bandwidth) and 207 us at 28672x8192 (95%), against 79.4 / 249.7 us with 1024 bytes; 8 warps, and
+# stores with an evict-first hint, were no faster.
 BYTES_PER_PROGRAM = 4096  # 8192 values
 NUM_WARPS = 4
-EVICT_FIRST = False
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
 def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, n, n_blocks,
                      nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT: tl.constexpr, NB: tl.constexpr,
-                     EVICT: tl.constexpr):
+                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT: tl.constexpr, NB: tl.constexpr):
     """NB whole blocks per program, as rows: each block's absmax is loaded (and decoded) once, not
     once per byte."""
     rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
@@ -40,28 +38,28 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, n, n_bl
     lo = tl.load(code_ptr + (byte & 15)) * am[:, None]
     vals = tl.join(hi, lo).reshape(NB, BLOCKSIZE)  # element 2i from the high nibble, 2i + 1 from the low
     e = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + e, to_dtype_rne(vals, OUT), mask=e < n, eviction_policy=EVICT)
+    tl.store(out_ptr + e, to_dtype_rne(vals, OUT), mask=e < n)
 
 
 @on_tensor_device
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: torch.Size,
                     blocksize: int, dtype: torch.dtype, nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-                    out: torch.Tensor | None = None, config: tuple[int, int, bool] | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, config: tuple[int, int] | None = None) -> torch.Tensor:
     """code[q] * absmax per element, cast to dtype, in `shape`. `packed` is any dtype viewed as
     bytes; `absmax` is float32, or uint8 codes decoded with nested = (nested_absmax, nested_code
-    (256), offset (0-d tensor)). No host synchronisation. `config`: (bytes per program, warps,
-    evict first), default the module's measured one."""
+    (256), offset (0-d tensor)). No host synchronisation. `config`: (bytes per program, warps),
+    default the module's measured one."""
     n = 1
     for s in shape:
         n *= s
     flat = packed.view(torch.uint8).reshape(-1)
     out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
     n_bytes, n_blocks = (n + 1) // 2, -(-n // blocksize)
-    per_program, warps, evict = config or (BYTES_PER_PROGRAM, NUM_WARPS, EVICT_FIRST)
+    per_program, warps = config or (BYTES_PER_PROGRAM, NUM_WARPS)
     nb = max(1, 2 * per_program // blocksize)
     grid = (triton.cdiv(n_blocks, nb),)
     na, nc, off = nested if nested is not None else (absmax, code, absmax)
     _dequant4_kernel[grid](flat, absmax, code, out, n_bytes, n, n_blocks, na, nc, off, BLOCKSIZE=blocksize,
-                           NESTED=nested is not None, OUT=_TL[dtype], NB=nb, EVICT="evict_first" if evict else "",
-                           num_warps=warps, enable_fp_fusion=False)
+                           NESTED=nested is not None, OUT=_TL[dtype], NB=nb, num_warps=warps,
+                           enable_fp_fusion=False)
     return out

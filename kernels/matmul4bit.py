@@ -2,12 +2,13 @@
 Y = X @ deq(W)^T (+ bias) and the input gradient dX = dY @ deq(W), and their launchers. Imports
 torch and triton only.
 
-Each program walks K (forward) or N (backward) one absmax block at a time: it reads the block's
-packed bytes once, looks the nibbles up in the 16-entry code table, multiplies by the tensor-core
-dot in the compute dtype and applies the block's absmax (decoded from its nested 8-bit code when
-double-quantized) to the float32 partial product. Even and odd columns of a byte's two values meet
-even and odd columns of X, so no interleaving is needed. Needs K % blocksize == 0 and
-blocksize <= 256; callers fall back to dequantize + cuBLAS otherwise and where that is faster.
+The tiled forward walks K in groups of NBLK absmax blocks (split over SPLIT_K programs for few rows),
+the input gradient walks N one block of W's rows at a time, and a CUDA-core GEMV serves a single
+row. Each reads a block's packed bytes once, looks the nibbles up in the 16-entry code table and
+applies the block's absmax (decoded from its nested 8-bit code when double-quantized). Even and odd
+columns of a byte's two values meet even and odd columns of X, so no interleaving is needed. Needs
+K % blocksize == 0 and blocksize <= 256; callers fall back to dequantize + cuBLAS otherwise and
+where that is faster.
 """
 
 from __future__ import annotations

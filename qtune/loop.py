@@ -90,12 +90,11 @@ class Batches:
         return collate(items, self.pad_id, self.mask_dtype, self.length, self.device), n_tokens
 
 
-def _to(batch: dict, device, dtype) -> dict:
+def _to(batch: dict, device) -> dict:
     """The batch on `device`; to a GPU through pinned memory without blocking (a copy from pageable
     memory would make the host wait for the GPU's queue to drain)."""
     cuda = device.type == "cuda"
-    return {k: (v.pin_memory() if cuda and v.device.type == "cpu" else v).to(
-                device=device, non_blocking=cuda, dtype=dtype if v.is_floating_point() and dtype else None)
+    return {k: (v.pin_memory() if cuda and v.device.type == "cpu" else v).to(device, non_blocking=cuda)
             for k, v in batch.items()}
 
 
@@ -104,7 +103,7 @@ def evaluate(model, items: list, micro_batch: int, pad_id: int, device, autocast
     model.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(items), micro_batch):
-        batch = _to(collate(items[i:i + micro_batch], pad_id, mask_dtype, device=device), device, None)
+        batch = _to(collate(items[i:i + micro_batch], pad_id, mask_dtype, device=device), device)
         n = int((batch["labels"][:, 1:] != -100).sum())
         with autocast(device, autocast_dtype):
             loss = causal_lm_loss(model, batch)
@@ -241,7 +240,7 @@ def train(cfg, resolved: dict) -> dict:
             for _ in range(t.grad_accum):
                 batch, n = batches.get(position * group.world + group.rank)
                 n_tok += n  # counted on the host: no sync
-                batch = _to(batch, device, None)
+                batch = _to(batch, device)
                 position += 1
                 with autocast(device, autocast_dtype):
                     loss = causal_lm_loss(model, batch)

@@ -152,8 +152,8 @@ def sweep_gemv(rows: list) -> None:
 
 
 def sweep_formats(rows: list, bw: float) -> None:
-    """Launch shapes of dequantize (bytes per program, warps, evict-first stores) and quantize (values
-    per program, warps) at two real sizes, bf16 NF4 with double quantization."""
+    """Launch shapes of dequantize (bytes per program, warps) and quantize (values per program, warps)
+    at two real sizes, bf16 NF4 with double quantization."""
     from qtune.kernels import dequant as kd
     from qtune.kernels import quantize as kq
 
@@ -162,13 +162,13 @@ def sweep_formats(rows: list, bw: float) -> None:
         packed, state = quantize_4bit(w, 64, "nf4", True)
         nbytes = packed.numel() + state.absmax.numel() + w.numel() * 2
         times = {}
-        for cfg in [(b, wp, ev) for b in (512, 1024, 2048, 4096) for wp in (4, 8) for ev in (False, True)]:
+        for cfg in [(b, wp) for b in (1024, 2048, 4096, 8192) for wp in (4, 8)]:
             times[cfg] = do_bench(lambda: kd.dequantize_4bit(packed, state.absmax, state.code, state.shape, 64,
                                                             torch.bfloat16, state.nested_tensors, config=cfg),
                                   warmup=10, rep=50, return_mode="median")
         best = min(times, key=times.get)
         print(f"dequantize {shape}: best {times[best] * 1e3:.1f} us {best} ({nbytes / times[best] / 1e6 / bw:.0%} of "
-              f"copy); default {times[(kd.BYTES_PER_PROGRAM, kd.NUM_WARPS, kd.EVICT_FIRST)] * 1e3:.1f} us; all: "
+              f"copy); default {times[(kd.BYTES_PER_PROGRAM, kd.NUM_WARPS)] * 1e3:.1f} us; all: "
               + ", ".join(f"{k}: {v * 1e3:.1f}" for k, v in times.items()), flush=True)
         default = (kq.VALUES_PER_PROGRAM, kq.NUM_WARPS)
         qt = {}

@@ -68,7 +68,7 @@ def main() -> None:
                "n_bytes": "i64", "n": "i64", "n_blocks": "i64", "nested_absmax_ptr": "*fp32",
                "nested_code_ptr": "*fp32", "offset_ptr": "*fp32"}
         for bs in (64, 4096):
-            c = {"BLOCKSIZE": bs, "NESTED": nested, "OUT": dt, "NB": max(1, 2048 // bs), "EVICT": "evict_first"}
+            c = {"BLOCKSIZE": bs, "NESTED": nested, "OUT": dt, "NB": max(1, 2048 // bs)}
             print(f"dequant sm_90 {dt} nested={nested} bs={bs}: {compile_one(dq._dequant4_kernel, sig, c, 90)}")
     sig = {"x_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "q_ptr": "*u8", "absmax_ptr": "*fp32",
            "n": "i32"}
