@@ -21,6 +21,9 @@ from .rounding import to_dtype_rne
 BLOCK = 256  # values per absmax block
 BLOCKS_PER_PROGRAM = 4  # launch shape, read at launch (scripts/bench_optim.py sweeps them)
 NUM_WARPS = 4
+# Map lookups (codes to values, requantization midpoints) through shared memory (tl.gather of the
+# 256-entry table spread over the warps) instead of loads through L1; read at launch, swept.
+LUT_SHARED = True
 
 
 # Where each part of a map table (StateMaps) starts, in float32 slots (constexpr: read by the kernel).
@@ -30,7 +33,17 @@ LOG2_10 = tl.constexpr(3.321928094887362)
 
 
 @triton.jit
-def _magnitude_index(ax, map_ptr, Z, E0, SIGNED: tl.constexpr):
+def _lookup(table_ptr, idx, SHARED: tl.constexpr):
+    """table_ptr[idx] for int32 indices in [0, 256): a gather from the 256-entry table in shared
+    memory (a few bank conflicts per warp), or a load through L1 (one wavefront per cache line)."""
+    if SHARED:
+        table = tl.load(table_ptr + tl.arange(0, 256))
+        return tl.reshape(tl.gather(table, tl.reshape(idx, [idx.numel]), 0), idx.shape)
+    return tl.load(table_ptr + idx)
+
+
+@triton.jit
+def _magnitude_index(ax, map_ptr, Z, E0, SIGNED: tl.constexpr, SHARED: tl.constexpr):
     """Index of the nearest entry of the map's non-negative half to ax >= 0, ties to the smaller:
     127..255 (signed map) or 0..255 (unsigned).
 
@@ -58,16 +71,16 @@ def _magnitude_index(ax, map_ptr, Z, E0, SIGNED: tl.constexpr):
     j = (ax * scale + (n.to(tl.float32) * (-1.0 / 9.0) - 1e-3)).to(tl.int32)  # truncation: floor for j >= 0
     j = tl.minimum(tl.maximum(j, 0), n - 1)
     guess = tl.where(ax <= Z, zero, first + j)
-    return guess + (ax > tl.load(map_ptr + MIDS + guess)).to(tl.int32)
+    return guess + (ax > _lookup(map_ptr + MIDS, guess, SHARED)).to(tl.int32)
 
 
 @triton.jit
-def _quantize_rows(s, absmax, map_ptr, Z, E0, SIGNED: tl.constexpr):
+def _quantize_rows(s, absmax, map_ptr, Z, E0, SIGNED: tl.constexpr, SHARED: tl.constexpr):
     """uint8 codes of the rows of s scaled by their absmax; the negative half mirrors the positive
     one (ties to the smaller magnitude), and a negative first moment never rounds to +0."""
     inv = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax), 0.0)
     x = s * inv[:, None]
-    idx = _magnitude_index(tl.abs(x) if SIGNED else x, map_ptr, Z, E0, SIGNED)  # the second moment is >= 0
+    idx = _magnitude_index(tl.abs(x) if SIGNED else x, map_ptr, Z, E0, SIGNED, SHARED)  # the second moment is >= 0
     if SIGNED:  # mirrored: 127 + i -> 127 - i, but 127 (zero) -> 126 and 255 (one) -> 0
         idx = tl.where(x < 0, tl.minimum(tl.maximum(254 - idx, 0), 126), idx)
     return idx.to(tl.uint8)
@@ -85,7 +98,7 @@ def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
                first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
                Z1, E1, Z2, E2,
                P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-               MASKED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+               MASKED: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """NB blocks of one tensor from block `first`; pointers already point at the tensor's element
     0 (state pointers at its segment, absmax pointers at its first block). Unmasked (vectorized)
     unless MASKED, for the tensor's last, partial run of blocks."""
@@ -110,8 +123,8 @@ def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
         a2 = _load(a2_ptr + rows, row_mask, 0.0, MASKED)
         c1 = _load(s1_ptr + offs, mask, 127, MASKED).to(tl.int32)
         c2 = _load(s2_ptr + offs, mask, 0, MASKED).to(tl.int32)
-        s1 = tl.load(map1_ptr + c1) * a1[:, None]
-        s2 = tl.load(map2_ptr + c2) * a2[:, None]
+        s1 = _lookup(map1_ptr, c1, SHARED) * a1[:, None]
+        s2 = _lookup(map2_ptr, c2, SHARED) * a2[:, None]
     else:
         s1 = _load(s1_ptr + offs, mask, 0.0, MASKED)
         s2 = _load(s2_ptr + offs, mask, 0.0, MASKED)
@@ -124,8 +137,8 @@ def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
     if EIGHT_BIT:
         n1 = tl.max(tl.abs(s1), axis=1)
         n2 = tl.max(tl.abs(s2), axis=1)
-        tl.store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, Z1, E1, True), mask=mask)
-        tl.store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, Z2, E2, False), mask=mask)
+        tl.store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, Z1, E1, True, SHARED), mask=mask)
+        tl.store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, Z2, E2, False, SHARED), mask=mask)
         tl.store(a1_ptr + rows, n1, mask=row_mask)
         tl.store(a2_ptr + rows, n2, mask=row_mask)
     else:
@@ -139,7 +152,8 @@ def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, 
                  beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
                  Z1, E1, Z2, E2,
                  P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr):
     w = tl.program_id(0)
     slot = tl.load(work_ptr + 2 * w)
     first = tl.load(work_ptr + 2 * w + 1).to(tl.int64)
@@ -156,11 +170,11 @@ def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, 
     if (first + NB) * BLOCK_SIZE <= numel:
         _adam_tile(p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off,
                    map1_ptr, map2_ptr, first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
-                   step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, False, NB, BLOCK_SIZE)
+                   step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, False, SHARED, NB, BLOCK_SIZE)
     else:
         _adam_tile(p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off,
                    map1_ptr, map2_ptr, first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
-                   step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, True, NB, BLOCK_SIZE)
+                   step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -248,5 +262,5 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
         maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
         maps.zero1, maps.binade1, maps.zero2, maps.binade2,
         P_DTYPE=_TL_DTYPES[p_base.dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
-        PER_TENSOR_STEP=per_tensor, ALIGN=align, NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
+        PER_TENSOR_STEP=per_tensor, ALIGN=align, SHARED=LUT_SHARED, NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
     )

@@ -84,15 +84,16 @@ def competitors(sweep: bool):
     import qtune.optim
     from qtune.kernels import adam8bit
 
-    def qtune_with(nb, warps):
+    def qtune_with(nb, warps, shared):
         def build(ps):
-            adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS = nb, warps
+            adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS, adam8bit.LUT_SHARED = nb, warps, shared
             return qtune.optim.AdamW8bit(ps, lr=1e-4)
         return build
 
-    default = (adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS)
-    for nb, warps in ([(2, 4), (4, 8), (8, 4), (8, 8)] if sweep else []):
-        yield f"qtune nb={nb} warps={warps}", qtune_with(nb, warps)
+    default = (adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS, adam8bit.LUT_SHARED)
+    shapes = [(nb, w, sh) for sh in (True, False) for nb, w in ((2, 2), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8))]
+    for nb, warps, shared in ([s for s in shapes if s != default] if sweep else []):
+        yield f"qtune nb={nb} w={warps} {'smem' if shared else 'L1'}", qtune_with(nb, warps, shared)
     yield "qtune AdamW8bit", qtune_with(*default)
     yield "torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
     try:

@@ -86,7 +86,9 @@ def main() -> None:
         c = {"P_DTYPE": dt, "EIGHT_BIT": True, "USE_L2": False, "USE_DECAY": True, "PER_TENSOR_STEP": False,
              "ALIGN": 4, "NB": 4, "BLOCK_SIZE": 256}
         s = {**sig, "p_base": P[dt]}
-        print(f"adam sm_{arch} {dt}: {compile_one(ka._adam_kernel, s, c, arch)}")
+        for shared in (True, False):
+            print(f"adam sm_{arch} {dt} shared LUT {shared}: "
+                  f"{compile_one(ka._adam_kernel, s, {**c, 'SHARED': shared}, arch)}")
 
 
 if __name__ == "__main__":
