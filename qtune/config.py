@@ -82,6 +82,7 @@ class TrainSettings:
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp16 | fp32
     gradient_checkpointing: bool = True
+    cuda_graphs: bool = True  # replay each micro-step from a CUDA graph (GPU, data.packing=true; README)
     output_dir: str = "${hydra:runtime.output_dir}"
     resume: Optional[str] = None  # auto | path of a checkpoint directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -15,6 +15,7 @@ from .data import build_datasets, collate, pack
 from .distributed import Group
 from .loss import causal_lm_loss
 from .metrics import MetricsLogger
+from .microstep import MicroSteps
 from .model import PRECISIONS, autocast, autocast_dtype_for, ensure_built, load_model
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -113,10 +114,11 @@ def evaluate(model, items: list, micro_batch: int, pad_id: int, device, autocast
 
 
 def apply_update(group: Group, params: list, optimizer, scaler, scheduler, max_grad_norm: float,
-                 finite: bool) -> torch.Tensor | None:
+                 finite: bool, set_to_none: bool = True) -> torch.Tensor | None:
     """The update once a step's gradients are in (and averaged): unscale (fp16), clip, step, then
-    zero the gradients and advance the schedule. A non-finite loss skips the step (under fp16 the
-    scaler skips it and lowers its scale). Returns the norm before clipping, a 0-d tensor, or None."""
+    zero the gradients (in place unless `set_to_none`) and advance the schedule. A non-finite loss
+    skips the step (under fp16 the scaler skips it and lowers its scale). Returns the norm before
+    clipping, a 0-d tensor, or None."""
     grad_norm = None
     if finite or scaler.is_enabled():
         scaler.unscale_(optimizer)
@@ -124,9 +126,28 @@ def apply_update(group: Group, params: list, optimizer, scaler, scheduler, max_g
             grad_norm = group.clip_grad_norm(params, max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=set_to_none)
     scheduler.step()
     return grad_norm
+
+
+def make_micro_steps(cfg, model, scaler, device, group: Group, autocast_dtype, position: int = 0) -> MicroSteps:
+    """The loop's forward/backward runner: on CUDA with packed batches (one shape throughout) a
+    CUDA graph replays the micro-step (train.cuda_graphs), except under fsdp (its hooks gather
+    weights per layer) or where the model draws random numbers in checkpointed layers. Hashed
+    dropout seeds: micro-batch i of the whole run (all ranks) uses seed i, also after a resume."""
+    t = cfg.train
+    why = ("train.cuda_graphs=false" if not t.cuda_graphs else "not on a GPU" if device.type != "cuda"
+           else "data.packing=false (batch shapes vary)" if not cfg.data.packing
+           else "train.strategy=fsdp" if group.fsdp
+           else "the model's own dropout draws random numbers" if not getattr(model, "qtune_rng_free", False)
+           else None)
+    if t.cuda_graphs and why and device.type == "cuda" and group.main:
+        print(f"cuda graphs off: {why}", flush=True)
+    seed = getattr(model, "qtune_dropout_seed", None)
+    if seed is not None:
+        seed.fill_(position * group.world + group.rank - group.world)  # MicroSteps adds world per micro-batch
+    return MicroSteps(model, scaler, t.grad_accum, device, autocast_dtype, seed, group.world, graphs=why is None)
 
 
 def train(cfg, resolved: dict) -> dict:
@@ -214,6 +235,7 @@ def train(cfg, resolved: dict) -> dict:
 
     from tqdm.auto import tqdm
 
+    micro_steps = make_micro_steps(cfg, model, scaler, device, group, autocast_dtype, position)
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=not group.main)
     model.train()
     first_loss, last_loss, bad_steps, window = None, None, 0, []
@@ -242,10 +264,8 @@ def train(cfg, resolved: dict) -> dict:
                 n_tok += n  # counted on the host: no sync
                 batch = _to(batch, device)
                 position += 1
-                with autocast(device, autocast_dtype):
-                    loss = causal_lm_loss(model, batch)
-                scaler.scale(loss / t.grad_accum).backward()
-                loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach().double()
+                loss = micro_steps(batch)
+                loss_sum = loss.double() if loss_sum is None else loss_sum + loss.double()
             loss_val = group.mean(float(loss_sum) / t.grad_accum)
             tokens_seen += n_tok * group.world
             group.average_grads(params)
@@ -254,14 +274,14 @@ def train(cfg, resolved: dict) -> dict:
                 note = "fp16: step skipped, loss scale lowered" if scaler.is_enabled() else "update skipped"
                 print(f"step {step + 1}: non-finite loss ({loss_val}); {note}", flush=True)
                 if not scaler.is_enabled():
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=micro_steps.set_to_none)
                     if bad_steps >= 3:
                         raise RunError(f"3 consecutive non-finite losses up to step {step + 1}; lower optim.lr "
                                        f"or check the data")
             else:
                 bad_steps = 0
             grad_norm = apply_update(group, params, optimizer, scaler, scheduler, cfg.optim.max_grad_norm,
-                                     math.isfinite(loss_val))
+                                     math.isfinite(loss_val), micro_steps.set_to_none)
             step += 1
             bar.update(1)
             if math.isfinite(loss_val):

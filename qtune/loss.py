@@ -129,25 +129,32 @@ class _ChunkedHeadCE(torch.autograd.Function):
 
 
 def chunked_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int | None = None,
-                      vocab_size: int | None = None) -> torch.Tensor:
+                      vocab_size: int | None = None, static: bool = False) -> torch.Tensor:
     """HF's causal-LM loss of `head(hidden)` against `labels` (shifted by one, ignore_index -100,
-    mean over the valid tokens; NaN when there are none) without the full logits."""
+    mean over the valid tokens; NaN when there are none) without the full logits. `static`: every
+    position gets logits (ignored ones add nothing), so no shape depends on the labels' values and
+    the host never waits for the GPU (as CUDA graph capture requires)."""
     shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
-    valid = (shift != IGNORE_INDEX).nonzero().squeeze(1)
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
-    targets = shift.index_select(0, valid)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if static:
+        targets, count = shift, (shift != IGNORE_INDEX).sum()
+    else:
+        valid = (shift != IGNORE_INDEX).nonzero().squeeze(1)
+        hidden, targets, count = hidden.index_select(0, valid), shift.index_select(0, valid), valid.numel()
     chunk = chunk or chunk_tokens(vocab_size or 32000)
     params = [p for p in head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     total = _ChunkedHeadCE.apply(hidden, targets, head, chunk, *params)
-    return total / valid.numel()
+    return total / count
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, chunk: int | None = None) -> torch.Tensor:
+def causal_lm_loss(model: nn.Module, batch: dict, chunk: int | None = None, static: bool = False) -> torch.Tensor:
     """`model(**batch).loss` for a causal LM (plain transformers or LoRA peft), computed without
-    materialising the full fp32 logits where the model is recognised."""
+    materialising the full fp32 logits where the model is recognised (`static`: see
+    chunked_head_loss)."""
     hf = _unwrap(model) if "labels" in batch and set(batch) <= BATCH_KEYS else None
     if hf is None:
         return model(**batch).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = _decoder(hf)(**inputs, use_cache=False).last_hidden_state
-    return chunked_head_loss(hidden, batch["labels"], hf.get_output_embeddings(), chunk, hf.config.vocab_size)
+    return chunked_head_loss(hidden, batch["labels"], hf.get_output_embeddings(), chunk, hf.config.vocab_size,
+                             static)

@@ -50,7 +50,8 @@ def load_model(cfg, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hf import QuantConfig, prepare_for_training
-    from .hf.training import keep_adapter_inputs
+    from .hf.training import draws_random, keep_adapter_inputs
+    from .nn.dropout import use_hash_dropout
     from .hf.config import parse_dtype
     from .quant.codes import FLOAT_DTYPES
 
@@ -71,7 +72,11 @@ def load_model(cfg, device: torch.device):
                                               trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = prepare_for_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    # LoRA's dropout is hashed (qtune.nn.dropout): where the base model draws no random numbers,
+    # checkpointing keeps no generator state, which lets the loop capture its step as a CUDA graph
+    rng_free = not draws_random(model)
+    model = prepare_for_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                 preserve_rng_state=not rng_free)
     targets = list(cfg.lora.target_modules)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules="all-linear" if targets == ["all-linear"] else targets,
@@ -80,4 +85,6 @@ def load_model(cfg, device: torch.device):
     model = get_peft_model(model, lora)
     if autocast_dtype_for(cfg.train.precision, device) is not None:  # the loop runs under autocast
         keep_adapter_inputs(model)
+    model.qtune_dropout_seed = use_hash_dropout(model)
+    model.qtune_rng_free = rng_free
     return model, tokenizer

@@ -15,8 +15,8 @@ gradients clipped at 1.0, bf16 autocast; every model in train mode.
   `model(**batch).loss` (HF's full fp32 logits).
 - B: bf16 LoRA without quantization (frozen bf16 base, same peft LoRA and 8-bit AdamW, HF loss).
 - C: qtune's training step as qtune.train runs it: qtune.model.load_model on a RunConfig, the
-  loop's make_optimizer / make_schedule / GradScaler, the loss function qtune.loop uses
-  (`--c-loss` overrides it for ablations).
+  loop's make_optimizer / make_schedule / GradScaler / make_micro_steps (a CUDA graph per
+  micro-step after two eager ones, as the loop does with packed batches; `--c-eager` turns it off).
 
 A step is forward + backward + clip + optimizer.step + zero_grad; 3 warm-up steps, then `--steps`
 timed between torch.cuda.synchronize calls. Peak memory is torch.cuda.max_memory_allocated over the
@@ -79,6 +79,8 @@ def run_config(path: str, args, seq: int, device: torch.device):
     cfg.train.seq_len, cfg.train.micro_batch, cfg.train.grad_accum = seq, 1, 1
     cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
     cfg.train.gradient_checkpointing, cfg.train.seed = True, args.seed
+    cfg.data.packing = True  # every batch is seq tokens: one shape, as packed batches are
+    cfg.train.cuda_graphs = not args.c_eager
     return cfg
 
 
@@ -151,52 +153,37 @@ def stack_b(path, args, seq, device):
     return model, hf_step(model, opt, args, device), {"optimizer": name}
 
 
-def loop_loss(choice: str):
-    """The loss function of stack C: what qtune.loop calls (`loop`), or forced for an ablation."""
-    from qtune import loop
-    from qtune.loss import causal_lm_loss
-
-    hf = (lambda model, batch: model(**batch).loss)
-    if choice == "chunked":
-        return causal_lm_loss, "qtune.loss.causal_lm_loss (forced)"
-    if choice == "hf":
-        return hf, "model(**batch).loss (forced)"
-    if getattr(loop, "causal_lm_loss", None) is not None:
-        return loop.causal_lm_loss, "qtune.loss.causal_lm_loss (as qtune.loop)"
-    print("note: qtune.loop does not call qtune.loss.causal_lm_loss; stack C uses model(**batch).loss as the "
-          "loop does", flush=True)
-    return hf, "model(**batch).loss (as qtune.loop)"
-
-
 def stack_c(path, args, seq, device):
     from qtune import loop
     from qtune.distributed import Group
-    from qtune.model import autocast, autocast_dtype_for, load_model
+    from qtune.model import autocast_dtype_for, load_model
 
     cfg = run_config(path, args, seq, device)
     t = cfg.train
     group = Group(t.strategy)  # world 1: no torch.distributed
     torch.manual_seed(t.seed)
     model, _ = load_model(cfg, device)
-    dtype = autocast_dtype_for(t.precision, device)
     torch.manual_seed(t.seed + 1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = loop.make_optimizer(cfg, params)
     scheduler = loop.make_schedule(cfg, optimizer, 10**6)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16" and device.type == "cuda")
-    loss_fn, loss_name = loop_loss(args.c_loss)
+    micro_steps = loop.make_micro_steps(cfg, model, scaler, device, group, autocast_dtype_for(t.precision, device))
     model.train()
 
     def step(batch) -> float:  # the body of qtune.loop.train's step, one process, grad_accum 1
-        with autocast(device, dtype):  # the loop's autocast
-            loss = loss_fn(model, batch)
-        scaler.scale(loss / t.grad_accum).backward()
-        loss_val = float(loss.detach())
+        # an all-ones attention mask says nothing; transformers cannot check that while a graph is
+        # being captured, and would build a full mask (no causal fast path) for it
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        loss_val = float(micro_steps(batch))
         group.average_grads(params)
-        loop.apply_update(group, params, optimizer, scaler, scheduler, cfg.optim.max_grad_norm, math.isfinite(loss_val))
+        loop.apply_update(group, params, optimizer, scaler, scheduler, cfg.optim.max_grad_norm, math.isfinite(loss_val),
+                          micro_steps.set_to_none)
         return loss_val
 
-    return model, step, {"optimizer": f"qtune {type(optimizer).__name__} (loop.make_optimizer)", "loss": loss_name}
+    graphs = "CUDA graph per micro-step" if micro_steps.graphs else "eager"
+    return model, step, {"optimizer": f"qtune {type(optimizer).__name__} (loop.make_optimizer)",
+                         "loss": "qtune.loss.causal_lm_loss", "step": graphs}
 
 
 STACKS = {"A": stack_a, "B": stack_b, "C": stack_c}
@@ -382,8 +369,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--c-loss", choices=["loop", "chunked", "hf"], default="loop",
-                    help="stack C's loss: what qtune.loop uses (default), or forced for an ablation")
+    ap.add_argument("--c-eager", action="store_true", help="stack C without CUDA graphs (train.cuda_graphs=false)")
     ap.add_argument("--quality-steps", type=int, default=0,
                     help="instead of the speed runs: train A and C this many steps (200) and compare losses")
     ap.add_argument("--quality-seq", type=int, default=1024)

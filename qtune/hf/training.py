@@ -5,16 +5,19 @@ from __future__ import annotations
 from torch import nn
 
 
-def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True, use_reentrant: bool = False) -> nn.Module:
+def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True, use_reentrant: bool = False,
+                         preserve_rng_state: bool = True) -> nn.Module:
     """Freeze the base weights, turn on gradient checkpointing (non-reentrant by default, so
     inputs need no gradients) and turn off the KV cache. Unlike peft's
     `prepare_model_for_kbit_training`, nothing is upcast: transformers' norms already compute in
     fp32 internally, and fp32 embeddings or lm_head would drag activations and logits into fp32.
+    `preserve_rng_state=False` only where nothing in the layers draws random numbers (see
+    `draws_random`): checkpointing then saves no generator state (CUDA graphs need that).
 
     Call it before `get_peft_model` (it freezes every parameter present)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    kwargs = {"use_reentrant": use_reentrant}
+    kwargs = {"use_reentrant": use_reentrant, **({} if preserve_rng_state else {"preserve_rng_state": False})}
     if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -35,3 +38,13 @@ def keep_adapter_inputs(model: nn.Module) -> int:
     for m in layers:
         m.cast_input_dtype_enabled = False
     return len(layers)
+
+
+def draws_random(model: nn.Module) -> bool:
+    """Whether training the model draws from torch's random generator: a torch dropout with p > 0
+    (module), or a dropout rate > 0 in its config (attention dropout is functional)."""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    cfg = getattr(model, "config", None)
+    rates = {k: v for k, v in (cfg.to_dict() if cfg is not None else {}).items() if "dropout" in k}
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in rates.values())

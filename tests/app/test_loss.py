@@ -49,9 +49,9 @@ def loss_and_grads(model, fn):
     return loss.detach(), grads
 
 
-def assert_same(model, batch, chunk=None):
+def assert_same(model, batch, chunk=None, static=False):
     ref, ref_g = loss_and_grads(model, lambda: model(**batch).loss)
-    got, got_g = loss_and_grads(model, lambda: causal_lm_loss(model, batch, chunk=chunk))
+    got, got_g = loss_and_grads(model, lambda: causal_lm_loss(model, batch, chunk=chunk, static=static))
     assert abs(float(got) - float(ref)) / abs(float(ref)) < TOL, (float(got), float(ref))
     assert ref_g.keys() == got_g.keys() and ref_g
     for name, g in ref_g.items():
@@ -60,9 +60,10 @@ def assert_same(model, batch, chunk=None):
 
 
 @pytest.mark.parametrize("chunk", [None, 8])
-def test_matches_hf_loss_and_lora_gradients(tiny_dir, chunk):
+@pytest.mark.parametrize("static", [False, True])
+def test_matches_hf_loss_and_lora_gradients(tiny_dir, chunk, static):
     model = peft_model(tiny_dir("llama"))
-    grads = assert_same(model, make_batch(), chunk)
+    grads = assert_same(model, make_batch(), chunk, static)
     assert all(float(g.abs().sum()) > 0 for g in grads.values())
 
 
@@ -93,6 +94,7 @@ def test_packed_batch(tiny_dir):
     batch = collate(rows, pad_id=0)
     assert batch["attention_mask"].dim() == 4
     assert_same(peft_model(tiny_dir("llama")), batch, chunk=8)
+    assert_same(peft_model(tiny_dir("llama")), batch, chunk=8, static=True)  # logits at every position
 
 
 def test_quantized_model_as_qtune_train_loads_it(tiny_dir):
@@ -132,6 +134,7 @@ def test_no_grad_and_all_ignored(tiny_dir):
     batch["labels"][:] = -100
     with torch.no_grad():
         assert torch.isnan(model(**batch).loss) and torch.isnan(causal_lm_loss(model, batch))
+        assert torch.isnan(causal_lm_loss(model, batch, static=True))
 
 
 def test_bf16_autocast(tiny_dir):

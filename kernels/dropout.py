@@ -1,0 +1,60 @@
+"""Counter-based dropout: the keep mask is a hash of (seed, salt, element index), so the same call
+gives the same mask again (in gradient checkpointing's recomputation, in the backward pass) with no
+random-number-generator state to save or restore, and a seed held in a device tensor lets a CUDA
+graph replay draw new masks. Imports torch and triton only.
+
+keep(i) = fmix32(i * 0x9E3779B1 ^ fmix32(seed * 0x85EBCA77 + salt)) >= threshold, fmix32 being
+MurmurHash3's 32-bit finalizer and threshold = floor(p * 2**32); kept values are scaled by 1/(1-p).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .device import on_tensor_device
+from .rounding import to_dtype_rne
+
+BLOCK = 2048
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _fmix32(h):
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit(do_not_specialize=["n", "salt", "threshold"])
+def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n, salt, threshold, scale, DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    seed = tl.load(seed_ptr).to(tl.uint32)
+    key = _fmix32(seed * 0x85EBCA77 + salt.to(tl.uint32))
+    h = _fmix32((offs.to(tl.uint32) * 0x9E3779B1) ^ key)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.where(h.to(tl.int64) >= threshold, x * scale, 0.0)
+    tl.store(y_ptr + offs, to_dtype_rne(y, DTYPE), mask=mask)
+
+
+@on_tensor_device
+def dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    """x with the elements the hash drops zeroed and the rest scaled by 1/(1-p), in x's dtype.
+    `seed`: a 1-element integer tensor on x's device (read by the kernel, so graphs see updates)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, n, salt % 2**32, threshold(p), 1.0 / (1.0 - p),
+                                                  DTYPE=_TL[x.dtype], BLOCK_SIZE=BLOCK)
+    return y
+
+
+def threshold(p: float) -> int:
+    """Hashes below this drop their element: floor(p * 2**32)."""
+    return int(p * 2**32)
