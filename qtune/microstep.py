@@ -12,10 +12,9 @@ in place afterwards (`set_to_none` False), so that replays accumulate into them.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from .hf.training import unpacked_search_off
 from .loss import causal_lm_loss
 from .model import autocast
 
@@ -84,7 +83,7 @@ class MicroSteps:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
         try:
-            with torch.cuda.graph(graph, stream=self.stream), _unpacked(batch):
+            with torch.cuda.graph(graph, stream=self.stream), unpacked_search_off(batch):
                 self.loss = self.run(self.inputs)
         except Exception as e:  # noqa: BLE001 - any failure: say why in one line and train eagerly
             self.graphs, self.inputs, self.loss = False, {}, None
@@ -95,21 +94,3 @@ class MicroSteps:
         self.graph = graph
         torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph has its own pool now
 
-
-@contextlib.contextmanager
-def _unpacked(batch: dict):
-    """While capturing a batch with neither attention mask nor position ids (one whole sequence per
-    row): transformers looks for packed sequences in the positions it makes itself, and cannot rule
-    them out without a host sync while a graph is captured, so it would build a full mask instead of
-    SDPA's causal fast path. Here there is nothing to find, so that search is skipped."""
-    import transformers.masking_utils as mu
-
-    find = getattr(mu, "find_packed_sequence_indices", None)
-    if find is None or "attention_mask" in batch or "position_ids" in batch:
-        yield
-        return
-    mu.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        mu.find_packed_sequence_indices = find

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 
@@ -48,3 +50,22 @@ def draws_random(model: nn.Module) -> bool:
     cfg = getattr(model, "config", None)
     rates = {k: v for k, v in (cfg.to_dict() if cfg is not None else {}).items() if "dropout" in k}
     return any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in rates.values())
+
+
+@contextlib.contextmanager
+def unpacked_search_off(batch: dict):
+    """While capturing a batch with neither attention mask nor position ids (one whole sequence per
+    row): transformers looks for packed sequences in the positions it makes itself, and cannot rule
+    them out without a host sync while a graph is captured, so it would build a full mask instead of
+    SDPA's causal fast path. Here there is nothing to find, so that search is skipped."""
+    import transformers.masking_utils as mu
+
+    find = getattr(mu, "find_packed_sequence_indices", None)
+    if find is None or "attention_mask" in batch or "position_ids" in batch:
+        yield
+        return
+    mu.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        mu.find_packed_sequence_indices = find
