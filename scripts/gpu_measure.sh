@@ -2,7 +2,7 @@
 # One GPU call for the measurements the open issues need. Every command's whole output goes to a log
 # under $OUT (it comes back with the call); only summaries are printed, so nothing is lost to a
 # truncated console. Parts (default: all single-GPU ones): sweep kernels tests int8 qlora quality optim
-# trainprof, and multigpu (needs 2 GPUs).
+# trainprof, t4, t4prof, and multigpu (needs 2 GPUs).
 #   source scripts/gpu_env.sh; bash scripts/gpu_measure.sh sweep kernels
 set -uo pipefail
 source scripts/gpu_env.sh >/dev/null 2>&1 || exit 1
@@ -59,6 +59,15 @@ steady, whole = b.steady_tokens_per_s(recs)
 mem = max(r.get('gpu_mem_gib', 0) for r in recs)
 print(f't4: steady {steady:.0f} tokens/s (whole run {whole:.0f}), peak {mem:.2f} GiB, loss', [round(r['loss'], 3) for r in recs if 'loss' in r])"
   tail -3 "$OUT/t4_train.log"
+fi
+if has t4prof; then  # the t4 run's loop profiled (scripts/profile_train.py): GPU time by kernel class
+  [ -f /tmp/l13/config.json ] || python3 scripts/make_random_model.py --shape llama2-13b --out /tmp/l13 \
+    > "$OUT/make_l13.log" 2>&1
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python3 scripts/profile_train.py --skip 3 --active 2 recipe=llama13b_t4 \
+    model.name=/tmp/l13 data.path=$PWD/qtune/assets/tiny_instructions.jsonl data.packing=true train.max_steps=6 \
+    train.log_every=100 train.eval_every=100000 train.save_every=100000 train.memory_limit_gib=15 \
+    ${T4PROF_ARGS:-} > "$OUT/t4_profile.log" 2>&1
+  sed -n '/steps in/,$p' "$OUT/t4_profile.log" | head -40
 fi
 if has multigpu; then  # work under /tmp (a datasets cache is too many files to bring back); logs to $OUT
   python3 scripts/bench_multigpu.py --gpus 2 --steps 12 --work /tmp/multigpu > "$OUT/bench_multigpu.log" 2>&1

@@ -37,6 +37,19 @@ def compose(overrides: list[str]):
         return hydra_compose("qtune_train", overrides=overrides)
 
 
+CLASSES = (("matmul", ("gemm", "cutlass", "xmma", "sm90_", "cublas", "gemv")), ("attention", ("fmha", "flash", "attention")),
+           ("4-bit dequantize", ("_dequant",)), ("4-bit fused matmul", ("_fwd_kernel", "_gemv_kernel", "_bwd_kernel")),
+           ("8-bit adam", ("_adam",)), ("dropout", ("_dropout",)), ("loss", ("cross_entropy", "softmax", "nll")),
+           ("reduction", ("reduce",)), ("copy/cast", ("copy", "cat", "direct_copy")),
+           ("elementwise", ("elementwise", "vectorized", "unrolled")))
+
+
+def kernel_class(name: str) -> str:
+    """A coarse class of a CUDA kernel from its name, for the per-class summary."""
+    low = name.lower()
+    return next((c for c, keys in CLASSES if any(k in low for k in keys)), "other")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip", type=int, default=5, help="steps before profiling (compilation, warm-up)")
@@ -77,8 +90,15 @@ def main() -> None:
     ev = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in ev) / a.active / 1e3
     print(f"profiled {a.active} steps: GPU busy {gpu:.1f} ms/step ({gpu / med:.0%} of the median step)")
+    classes: dict[str, float] = {}
+    for e in ev:
+        if e.self_device_time_total > 0:
+            c = kernel_class(e.key)
+            classes[c] = classes.get(c, 0.0) + e.self_device_time_total / a.active / 1e3
+    print("GPU time by kernel class (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                            sorted(classes.items(), key=lambda kv: -kv[1])))
     print("top GPU kernels (ms/step, calls/step):")
-    for e in sorted(ev, key=lambda e: e.self_device_time_total, reverse=True)[:15]:
+    for e in sorted(ev, key=lambda e: e.self_device_time_total, reverse=True)[:30]:
         print(f"  {e.self_device_time_total / a.active / 1e3:8.2f}  {e.count // a.active:5d}x  {e.key[:100]}")
     print("top CPU ops by self time (ms/step, calls/step):")
     for e in sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]:
@@ -88,7 +108,7 @@ def main() -> None:
         json.dump({"argv": sys.argv[1:], "step_ms": [s * 1e3 for s in steps], "median_ms": med, "gpu_busy_ms": gpu,
                    "top_gpu": [(e.key, e.count // a.active, e.self_device_time_total / a.active / 1e3) for e in
                                sorted(ev, key=lambda e: e.self_device_time_total, reverse=True)[:30]]}, f, indent=1)
-    if cuda:
+    if cuda and os.environ.get("QTUNE_PROFILE_TRACE"):
         prof.export_chrome_trace(os.path.join(out, "profile_train_trace.json"))
 
 
