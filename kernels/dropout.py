@@ -30,9 +30,11 @@ def _fmix32(h):
     return h
 
 
-@triton.jit(do_not_specialize=["n", "salt", "threshold"])
-def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n, salt, threshold, scale, DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+@triton.jit(do_not_specialize=["salt", "threshold"])  # (n stays specialized: n % 16 == 0 vectorizes the loads)
+def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n, salt, threshold, scale, DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    WIDE: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = (pid.to(tl.int64) if WIDE else pid) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
     seed = tl.load(seed_ptr).to(tl.uint32)
     key = _fmix32(seed * 0x85EBCA77 + salt.to(tl.uint32))
@@ -51,7 +53,7 @@ def dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.T
     n = x.numel()
     if n:
         _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, n, salt % 2**32, threshold(p), 1.0 / (1.0 - p),
-                                                  DTYPE=_TL[x.dtype], BLOCK_SIZE=BLOCK)
+                                                  DTYPE=_TL[x.dtype], BLOCK_SIZE=BLOCK, WIDE=n >= 2**31 - BLOCK)
     return y
 
 

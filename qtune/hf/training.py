@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import types
 
+import torch
 from torch import nn
 
 
@@ -69,3 +71,36 @@ def unpacked_search_off(batch: dict):
         yield
     finally:
         mu.find_packed_sequence_indices = find
+
+
+def fuse_lora_output(model: nn.Module) -> int:
+    """Make each peft LoRA Linear add its update inside one GEMM: base(x) + A(drop(x)) @ (s·B)^T as
+    an addmm, the scaling s put on B's r columns instead of on the (tokens x out) product. Forward
+    that is two fewer passes over the layer's output (the scaling and the sum), backward one. Layers
+    in any other state (merged, adapters disabled, several active, DoRA or other variants, a bias on
+    B, extra arguments) run peft's own forward. Returns the layers changed."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = [m for m in model.modules() if type(m) is LoraLinear]
+    for m in layers:
+        m.forward = types.MethodType(_fused_lora_forward, m)
+    return len(layers)
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    active = self.active_adapters
+    a = active[0] if len(active) == 1 else None
+    if (args or kwargs or a is None or self.disable_adapters or self.merged or a not in self.lora_A
+            or a in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(a)
+            or self.lora_B[a].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    lora_a, lora_b = self.lora_A[a], self.lora_B[a]
+    if getattr(self, "cast_input_dtype_enabled", True):
+        x = x.to(lora_a.weight.dtype)
+    h = lora_a(self.lora_dropout[a](x))
+    b = lora_b.weight * self.scaling[a]  # (out, r): cheap
+    if not (torch.is_autocast_enabled(result.device.type) or result.dtype == h.dtype == b.dtype):
+        return (result + nn.functional.linear(h, b)).to(result.dtype)  # as peft sums and casts
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+    return out.view(result.shape)

@@ -120,3 +120,42 @@ def test_adapter_inputs_kept_under_autocast(tiny_dir):
     loss_cast, g_cast = run(False)
     loss_kept, g_kept = run(True)
     assert loss_kept == loss_cast and rel_err(g_kept, g_cast) < 1e-6
+
+
+def _trained_pair(tiny_dir):
+    """Two identical LoRA models on qtune's 4-bit layers, B non-zero; the second fused."""
+    from qtune.hf.training import fuse_lora_output
+
+    models, path = [], tiny_dir("llama")  # built (drawing random numbers) before the seed is set
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = get_peft_model(qtune.prepare_for_training(load(path)),  # alpha/r = 3: the scaling is not exact
+                           LoraConfig(r=8, lora_alpha=24, lora_dropout=0.0, target_modules="all-linear"))
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        models.append(m)
+    assert fuse_lora_output(models[1]) == 14
+    return models
+
+
+def test_fused_lora_output_matches_peft(tiny_dir):
+    """base(x) + A(x) @ (s B)^T in one addmm: same outputs and adapter gradients as peft's forward,
+    and peft's own path where the fused one does not apply (adapters disabled)."""
+    ref, fused = _trained_pair(tiny_dir)
+    x = batch()
+    grads = []
+    for m in (ref, fused):
+        m.train()
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        grads[-1]["loss"] = loss.detach()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 29
+    for n, g in grads[0].items():
+        assert rel_err(grads[1][n], g) < 1e-5, n
+    ref.eval(), fused.eval()
+    with torch.no_grad():
+        with ref.disable_adapter(), fused.disable_adapter():
+            assert torch.equal(fused(input_ids=x).logits, ref(input_ids=x).logits)
+        assert rel_err(fused(input_ids=x).logits, ref(input_ids=x).logits) < 1e-5

@@ -14,15 +14,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @triton.jit
-def _codes_kernel(x_ptr, absmax_ptr, out_ptr, map_ptr, Z, E0, SIGNED: tl.constexpr):
+def _codes_kernel(x_ptr, absmax_ptr, out_ptr, map_ptr, Z, E0, SIGNED: tl.constexpr, SHARED: tl.constexpr):
     rows = tl.program_id(0) * 4 + tl.arange(0, 4)
     offs = rows[:, None] * 256 + tl.arange(0, 256)[None, :]
-    q = _quantize_rows(tl.load(x_ptr + offs), tl.load(absmax_ptr + rows), map_ptr, Z, E0, SIGNED)
+    q = _quantize_rows(tl.load(x_ptr + offs), tl.load(absmax_ptr + rows), map_ptr, Z, E0, SIGNED, SHARED)
     tl.store(out_ptr + offs, q)
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_codes_match_the_reference_everywhere(signed):
+@pytest.mark.parametrize("shared", [True, False])  # midpoints gathered from shared memory, or loaded
+def test_codes_match_the_reference_everywhere(signed, shared):
     m1, mid1, m2, mid2 = state_maps()
     code, mids = (m1, mid1) if signed else (m2, mid2)
     maps = StateMaps.build(m1, m2, DEVICE)
@@ -41,6 +42,6 @@ def test_codes_match_the_reference_everywhere(signed):
     out = torch.full((blocks * 256,), 77, dtype=torch.uint8, device=DEVICE)  # poisoned
     t = (maps.table1, maps.zero1, maps.binade1) if signed else (maps.table2, maps.zero2, maps.binade2)
     _codes_kernel[(blocks // 4,)](xp.to(DEVICE), torch.ones(blocks, device=DEVICE), out,
-                                  *t, SIGNED=signed)
+                                  *t, SIGNED=signed, SHARED=shared)
     want, _ = quantize_state(xp, signed)
     assert torch.equal(out.cpu(), want)
