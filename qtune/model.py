@@ -50,7 +50,7 @@ def load_model(cfg, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hf import QuantConfig, prepare_for_training
-    from .hf.training import draws_random, fuse_lora_output, keep_adapter_inputs
+    from .hf.training import draws_random, fuse_lora_output, fuse_rmsnorm, keep_adapter_inputs
     from .nn.dropout import use_hash_dropout
     from .hf.config import parse_dtype
     from .quant.codes import FLOAT_DTYPES
@@ -86,6 +86,7 @@ def load_model(cfg, device: torch.device):
     if autocast_dtype_for(cfg.train.precision, device) is not None:  # the loop runs under autocast
         keep_adapter_inputs(model)
     fuse_lora_output(model)
+    fuse_rmsnorm(model)
     model.qtune_dropout_seed = use_hash_dropout(model)
     model.qtune_rng_free = rng_free
     return model, tokenizer

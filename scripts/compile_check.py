@@ -15,6 +15,8 @@ from triton.compiler import ASTSource
 
 from qtune.kernels import adam8bit as ka
 from qtune.kernels import dequant as dq
+from qtune.kernels import dropout as kd
+from qtune.kernels import rmsnorm as kr
 from qtune.kernels import matmul4bit as mm
 from qtune.kernels import quantize as kq
 
@@ -89,6 +91,20 @@ def main() -> None:
         for shared in (True, False):
             print(f"adam sm_{arch} {dt} shared LUT {shared}: "
                   f"{compile_one(ka._adam_kernel, s, {**c, 'SHARED': shared}, arch)}")
+
+    for arch, dt in itertools.product((90, 75), (tl.float32, tl.bfloat16, tl.float16)):
+        if arch == 75 and dt == tl.bfloat16:
+            continue
+        sig = {"x_ptr": P[dt], "y_ptr": P[dt], "seed_ptr": "*i64", "n": "i32", "salt": "i32", "threshold": "i64",
+               "scale": "fp32"}
+        print(f"dropout sm_{arch} {dt}: "
+              f"{compile_one(kd._dropout_kernel, sig, {'DTYPE': dt, 'BLOCK_SIZE': kd.BLOCK, 'WIDE': False}, arch)}")
+        sig = {"x_ptr": P[dt], "w_ptr": P[dt], "y_ptr": P[dt], "rstd_ptr": "*fp32", "N": "i32", "stride": "i32",
+               "eps": "fp32"}
+        print(f"rmsnorm fwd sm_{arch} {dt}: {compile_one(kr._fwd_kernel, sig, {'DTYPE': dt, 'BLOCK': 8192}, arch, 16)}")
+        sig = {"dy_ptr": P[dt], "x_ptr": P[dt], "w_ptr": P[dt], "rstd_ptr": "*fp32", "dx_ptr": P[dt], "N": "i32",
+               "stride": "i32"}
+        print(f"rmsnorm bwd sm_{arch} {dt}: {compile_one(kr._bwd_kernel, sig, {'DTYPE': dt, 'BLOCK': 8192}, arch, 16)}")
 
 
 if __name__ == "__main__":

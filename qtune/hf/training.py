@@ -104,3 +104,23 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return (result + nn.functional.linear(h, b)).to(result.dtype)  # as peft sums and casts
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
     return out.view(result.shape)
+
+
+# transformers norm classes whose forward is LlamaRMSNorm's (weight * normalized.to(input dtype))
+RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def fuse_rmsnorm(model: nn.Module) -> int:
+    """Route Llama-family RMSNorm layers through qtune.nn.rmsnorm (one kernel each way on GPUs, the
+    weight frozen; a trainable weight keeps transformers' forward). Returns the layers changed."""
+    layers = [m for m in model.modules() if type(m).__name__ in RMSNORM_CLASSES
+              and isinstance(getattr(m, "weight", None), torch.Tensor) and hasattr(m, "variance_epsilon")]
+    for m in layers:
+        m.forward = types.MethodType(_rmsnorm_forward, m)
+    return len(layers)
+
+
+def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    from ..nn.rmsnorm import rms_norm
+
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
