@@ -19,8 +19,10 @@ from .device import on_tensor_device
 from .rounding import to_dtype_rne
 
 BLOCK = 256  # values per absmax block
-BLOCKS_PER_PROGRAM = 4  # launch shape, read at launch (scripts/bench_optim.py sweeps them)
-NUM_WARPS = 4
+# Launch shape per parameter dtype: (256-value blocks per program, warps). From scripts/bench_optim.py
+# --sweep on an H100 (one run, kernel times): float32 params 2 blocks 1.53 ms (4 blocks: 1.60),
+# bfloat16 8 blocks 1.29 ms (4: 1.43); float16 moves the bytes bfloat16 does. The sweep overrides it.
+LAUNCH = {torch.float32: (2, 4), torch.bfloat16: (8, 4), torch.float16: (8, 4)}
 # Map lookups (codes to values, requantization midpoints) through shared memory (tl.gather of the
 # 256-entry table spread over the warps) instead of loads through L1; read at launch, swept.
 LUT_SHARED = True
@@ -222,9 +224,10 @@ def _map_table(code: torch.Tensor, signed: bool) -> tuple[torch.Tensor, float, i
     return table, float(mids[zero]), e0
 
 
-def work_list(numels: list[int], device: torch.device) -> torch.Tensor:
-    """int32 (n_programs, 2): (tensor slot, first block) for runs of BLOCKS_PER_PROGRAM blocks."""
-    items = [(slot, b) for slot, n in enumerate(numels) for b in range(0, -(-n // BLOCK), BLOCKS_PER_PROGRAM)]
+def work_list(numels: list[int], device: torch.device, blocks_per_program: int) -> torch.Tensor:
+    """int32 (n_programs, 2): (tensor slot, first block) for runs of `blocks_per_program` blocks (the
+    launch's first LAUNCH number)."""
+    items = [(slot, b) for slot, n in enumerate(numels) for b in range(0, -(-n // BLOCK), blocks_per_program)]
     return torch.tensor(items, dtype=torch.int32, device=device).reshape(-1, 2)
 
 
@@ -243,7 +246,7 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
               numels: torch.Tensor, elem_offs: torch.Tensor, block_offs: torch.Tensor,
               scalars: torch.Tensor | tuple[float, float], state1: torch.Tensor, state2: torch.Tensor,
               absmax1: torch.Tensor | None, absmax2: torch.Tensor | None, maps: StateMaps, *, beta1: float,
-              beta2: float, decay: float, l2: float) -> None:
+              beta2: float, decay: float, l2: float, launch: tuple[int, int]) -> None:
     """Launch one step over a work list. Parameters and gradients are contiguous tensors of
     p_base's dtype at element offsets p_offs / g_offs (int64 device tables, from
     `element_offsets`, all multiples of `align`) from p_base. Other tables, indexed by slot:
@@ -251,7 +254,7 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
     `scalars`: (step_size, eps_hat) shared by all tensors, or a float32 (n, 2) device table of
     them. 8-bit when absmax1 is given (uint8 states), else float32 states. `decay` multiplies the
     parameter after the update (AdamW; 1.0 for none); `l2` times the parameter is added to the
-    gradient (Adam)."""
+    gradient (Adam). `launch`: (blocks per program, warps), the blocks as the work list was made with."""
     eight_bit = absmax1 is not None
     per_tensor = isinstance(scalars, torch.Tensor)
     dummy = state1 if eight_bit else maps.table1
@@ -262,5 +265,5 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
         maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
         maps.zero1, maps.binade1, maps.zero2, maps.binade2,
         P_DTYPE=_TL_DTYPES[p_base.dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
-        PER_TENSOR_STEP=per_tensor, ALIGN=align, SHARED=LUT_SHARED, NB=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
+        PER_TENSOR_STEP=per_tensor, ALIGN=align, SHARED=LUT_SHARED, NB=launch[0], BLOCK_SIZE=BLOCK, num_warps=launch[1],
     )

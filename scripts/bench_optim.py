@@ -84,17 +84,19 @@ def competitors(sweep: bool):
     import qtune.optim
     from qtune.kernels import adam8bit
 
-    def qtune_with(nb, warps, shared):
-        def build(ps):
-            adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS, adam8bit.LUT_SHARED = nb, warps, shared
+    default_launch, default_shared = dict(adam8bit.LAUNCH), adam8bit.LUT_SHARED
+
+    def qtune_with(launch, shared):
+        def build(ps):  # every dtype's launch shape set to `launch` (None: the defaults)
+            adam8bit.LAUNCH = {dt: launch or default_launch[dt] for dt in default_launch}
+            adam8bit.LUT_SHARED = shared
             return qtune.optim.AdamW8bit(ps, lr=1e-4)
         return build
 
-    default = (adam8bit.BLOCKS_PER_PROGRAM, adam8bit.NUM_WARPS, adam8bit.LUT_SHARED)
-    shapes = [(nb, w, sh) for sh in (True, False) for nb, w in ((2, 2), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8))]
-    for nb, warps, shared in ([s for s in shapes if s != default] if sweep else []):
-        yield f"qtune nb={nb} w={warps} {'smem' if shared else 'L1'}", qtune_with(nb, warps, shared)
-    yield "qtune AdamW8bit", qtune_with(*default)
+    shapes = [((nb, w), sh) for sh in (True, False) for nb, w in ((2, 2), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8))]
+    for launch, shared in (shapes if sweep else []):
+        yield f"qtune nb={launch[0]} w={launch[1]} {'smem' if shared else 'L1'}", qtune_with(launch, shared)
+    yield "qtune AdamW8bit", qtune_with(None, default_shared)
     yield "torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
     try:
         import bitsandbytes as bnb

@@ -57,6 +57,7 @@ class _Bucket:
     absmax1: torch.Tensor | None
     absmax2: torch.Tensor | None
     work: torch.Tensor  # (programs, 2) int32
+    launch: tuple[int, int]  # (blocks per program, warps): the work list's and the kernel's
     numels: torch.Tensor
     elem_offs: torch.Tensor
     block_offs: torch.Tensor
@@ -270,7 +271,8 @@ class Adam8bit(torch.optim.Optimizer):
                 scalars = torch.tensor(table, dtype=torch.float32).to(device)
             kernel.adam_step(b.work, _local(b.params[0]), b.p_offs, b.g_offs, b.align, b.numels, b.elem_offs, b.block_offs,
                              scalars, b.state1, b.state2, b.absmax1, b.absmax2, maps, beta1=beta1, beta2=beta2,
-                             decay=1.0 - lr * wd if self._decoupled else 1.0, l2=0.0 if self._decoupled else wd)
+                             decay=1.0 - lr * wd if self._decoupled else 1.0, l2=0.0 if self._decoupled else wd,
+                             launch=b.launch)
             del grads  # any contiguous copies live until after the launch (stream-ordered frees are safe)
 
     @staticmethod
@@ -287,7 +289,7 @@ class Adam8bit(torch.optim.Optimizer):
     def _build_buckets(self, params: list[torch.Tensor]) -> list[_Bucket]:
         """Flat state buffers per (dtype, state kind), filled from the per-parameter states, which
         then become views into them; plus the kernel's tables."""
-        from ..kernels.adam8bit import work_list
+        from ..kernels.adam8bit import LAUNCH, work_list
 
         device = _local(params[0]).device
         position = {id(p): i for i, p in enumerate(params)}
@@ -327,7 +329,8 @@ class Adam8bit(torch.optim.Optimizer):
                                    state1=flat["state1"], state2=flat["state2"], steps=steps,
                                    uniform=bool((steps == steps[0]).all()),
                                    absmax1=flat.get("absmax1"), absmax2=flat.get("absmax2"),
-                                   work=work_list(numels, device), numels=as_dev(numels),
+                                   work=work_list(numels, device, LAUNCH[dtype][0]), launch=LAUNCH[dtype],
+                                   numels=as_dev(numels),
                                    elem_offs=as_dev(elem_offs), block_offs=as_dev(block_offs),
                                    p_addrs=[_local(p).data_ptr() for p in ps]))
         return buckets

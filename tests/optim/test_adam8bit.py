@@ -59,10 +59,11 @@ def test_kernel_matches_reference(dtype, eight_bit, decoupled, lut_shared, monke
     p_offs, pa = kernel.element_offsets([p.data_ptr() for p in kp], kp[0].data_ptr(), kp[0].element_size())
     g_offs, ga = kernel.element_offsets([g.data_ptr() for g in grads], kp[0].data_ptr(), kp[0].element_size())
     dev = lambda xs: torch.tensor(xs, dtype=torch.int64, device=DEVICE)  # noqa: E731
-    kernel.adam_step(kernel.work_list(numels, DEVICE), kp[0], dev(p_offs), dev(g_offs), min(pa, ga), dev(numels),
+    launch = kernel.LAUNCH[dtype]
+    kernel.adam_step(kernel.work_list(numels, DEVICE, launch[0]), kp[0], dev(p_offs), dev(g_offs), min(pa, ga), dev(numels),
                      dev(elem_offs), dev(block_offs), scal, flat["state1"], flat["state2"], flat.get("absmax1"),
                      flat.get("absmax2"), maps, beta1=b1, beta2=b2,
-                     decay=1 - lr * wd if decoupled else 1.0, l2=0.0 if decoupled else wd)
+                     decay=1 - lr * wd if decoupled else 1.0, l2=0.0 if decoupled else wd, launch=launch)
     got_states = {k: torch.cat([flat[k][o: o + s[k].numel()] for s, o in
                                 zip(states, block_offs if k.startswith("absmax") else elem_offs)]) for k in flat}
     # reference, tensor by tensor
