@@ -144,3 +144,33 @@ def test_cuda_graph_steps_train_as_eager_ones(tmp_path, env, precision):
     print("eager", a, "\ngraphs", b)
     assert len(a) == len(b) == 8 and max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 2e-3, (a, b)
     assert b[-1] < b[0]
+
+
+def test_micro_steps_say_why_graphs_are_off(capsys):
+    """make_micro_steps: graphs only on a GPU with packed batches, no fsdp, no random draws in the
+    model; the reason printed in one line; hashed-dropout seeds start at the run's micro-batch index."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from qtune.config import RunConfig
+    from qtune.loop import make_micro_steps
+
+    class G:  # a one-process Group
+        world, rank, fsdp, main = 2, 1, False, True
+
+    cfg = OmegaConf.structured(RunConfig)
+    model = torch.nn.Linear(2, 2)
+    model.qtune_dropout_seed, model.qtune_rng_free = torch.zeros(1, dtype=torch.int64), True
+    steps = make_micro_steps(cfg, model, None, torch.device("cpu"), G(), None, position=5)
+    assert not steps.graphs and steps.set_to_none and capsys.readouterr().out == ""  # CPU: nothing to say
+    assert int(model.qtune_dropout_seed) == 5 * 2 + 1 - 2  # + world before each micro-batch: 11, 13, ...
+    cuda = torch.device("cuda", 0)
+    cases = [("data.packing=false (batch shapes vary)", {}), ("train.strategy=fsdp", {"packing": True, "fsdp": True}),
+             ("the model's own dropout draws random numbers", {"packing": True, "rng_free": False}),
+             ("train.cuda_graphs=false", {"packing": True, "graphs": False})]
+    for why, kw in cases:
+        cfg.data.packing, cfg.train.cuda_graphs = kw.get("packing", False), kw.get("graphs", True)
+        G.fsdp, model.qtune_rng_free = kw.get("fsdp", False), kw.get("rng_free", True)
+        if kw.get("graphs", True):
+            make_micro_steps(cfg, model, None, cuda, G(), None)
+            assert capsys.readouterr().out.strip() == f"cuda graphs off: {why}"
