@@ -12,6 +12,7 @@ its own shard only, and its state_dict() holds just those.
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ except ImportError:  # a torch build without torch.distributed
     DTensor = ()
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GRAD, _DATA_PTR = operator.attrgetter("grad"), torch.Tensor.data_ptr
 
 
 def _local(t):
@@ -51,6 +53,7 @@ class _Bucket:
 
     params: list[torch.Tensor]
     index: list[int]  # positions of `params` in the group's parameter list
+    whole: bool  # index is 0..n-1: the bucket is the whole group, in order
     dtype: torch.dtype
     state1: torch.Tensor  # flat
     state2: torch.Tensor
@@ -188,8 +191,8 @@ class Adam8bit(torch.optim.Optimizer):
                 try:  # the common case: every parameter has a gradient and goes to the kernel
                     ps = group["params"]
                     g_addrs = ([_local(p.grad).data_ptr() for p in ps] if plan.sharded  # no per-tensor check
-                               else [p.grad.data_ptr() for p in ps])                      # on the hot path
-                except AttributeError:  # a gradient is None: work out the layout again
+                               else list(map(_DATA_PTR, map(_GRAD, ps))))                 # on the hot path
+                except (AttributeError, TypeError):  # a gradient is None: work out the layout again
                     pass
                 else:
                     self._fused_step(group, plan.buckets, g_addrs)
@@ -250,7 +253,7 @@ class Adam8bit(torch.optim.Optimizer):
                 b.p_addrs = [_local(p).data_ptr() for p in b.params]  # parameters were moved (model.to(...))
                 b.g_addrs = []
             if g_addrs_all is not None:
-                g_addrs = [g_addrs_all[i] for i in b.index]
+                g_addrs = g_addrs_all if b.whole else [g_addrs_all[i] for i in b.index]
             else:
                 g_addrs = [_local(p.grad).data_ptr() for p in b.params]
             grads = None
@@ -325,7 +328,8 @@ class Adam8bit(torch.optim.Optimizer):
             steps = torch.tensor([int(self.state[p]["step"]) for p in ps], dtype=torch.int64)
             for i, p in enumerate(ps):
                 self.state[p]["step"] = steps[i]  # a view: `steps += 1` advances every parameter's step
-            buckets.append(_Bucket(params=ps, index=[position[id(p)] for p in ps], dtype=dtype,
+            index = [position[id(p)] for p in ps]
+            buckets.append(_Bucket(params=ps, index=index, whole=index == list(range(len(params))), dtype=dtype,
                                    state1=flat["state1"], state2=flat["state2"], steps=steps,
                                    uniform=bool((steps == steps[0]).all()),
                                    absmax1=flat.get("absmax1"), absmax2=flat.get("absmax2"),
