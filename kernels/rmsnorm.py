@@ -15,7 +15,7 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, stride, eps, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, N, stride, eps, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -28,7 +28,7 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, stride, eps, DTYPE: tl.constex
 
 
 @triton.jit
-def _bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, N, stride, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, N, stride, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -54,7 +54,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Te
     N = x2.shape[1]
     block = triton.next_power_of_2(N)
     if x2.shape[0]:
-        _fwd_kernel[(x2.shape[0],)](x2, weight, y, rstd, N, x2.stride(0), eps, DTYPE=_TL[x.dtype], BLOCK=block,
+        _rmsnorm_fwd[(x2.shape[0],)](x2, weight, y, rstd, N, x2.stride(0), eps, DTYPE=_TL[x.dtype], BLOCK=block,
                                     num_warps=min(16, max(1, block // 512)))
     return y.view(x.shape), rstd
 
@@ -67,6 +67,6 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torc
     N = x2.shape[1]
     block = triton.next_power_of_2(N)
     if x2.shape[0]:
-        _bwd_kernel[(x2.shape[0],)](dy2, x2, weight, rstd, dx, N, x2.stride(0), DTYPE=_TL[x.dtype], BLOCK=block,
+        _rmsnorm_bwd[(x2.shape[0],)](dy2, x2, weight, rstd, dx, N, x2.stride(0), DTYPE=_TL[x.dtype], BLOCK=block,
                                     num_warps=min(16, max(1, block // 512)))
     return dx.view(x.shape)

@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_random_model import cached_random_model  # noqa: E402
+from profile_train import kernel_class  # noqa: E402
 
 ACCEPT = {"C/A tokens_per_s": (">=", 1.7), "C/B tokens_per_s": (">=", 0.95), "C/A peak_mem": ("<=", 0.8)}
 QUALITY_TOL = 0.02
@@ -319,15 +320,22 @@ def profile(path, args, device, vocab) -> dict:
                     step(batches[0])
                 torch.cuda.synchronize(device)
             wall = (time.perf_counter() - t0) / 3 * 1e3
-            ev = prof.key_averages()
+            ev = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
             gpu = sum(e.self_device_time_total for e in ev) / 3 / 1e3
-            top = sorted(ev, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+            top = sorted(ev, key=lambda e: e.self_device_time_total, reverse=True)[:25]
+            classes: dict[str, float] = {}
+            for e in ev:
+                if e.self_device_time_total > 0:
+                    c = kernel_class(e.key)
+                    classes[c] = classes.get(c, 0.0) + e.self_device_time_total / 3 / 1e3
             print(f"\nprofile seq {seq} stack {stack}: wall {wall:.1f} ms/step, GPU busy {gpu:.1f} ms/step")
+            print("  by kernel class (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                          sorted(classes.items(), key=lambda kv: -kv[1])))
             for e in top:
                 print(f"  {e.self_device_time_total / 3 / 1e3:8.2f} ms  {e.count // 3:5d}x  {e.key[:90]}")
             cpu = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
             print("  CPU self time: " + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / 3 / 1e3:.1f} ms" for e in cpu))
-            out[f"{seq}-{stack}"] = {"wall_ms": wall, "gpu_ms": gpu, "top": [
+            out[f"{seq}-{stack}"] = {"wall_ms": wall, "gpu_ms": gpu, "classes": classes, "top": [
                 (e.key, e.count // 3, e.self_device_time_total / 3 / 1e3) for e in top]}
             del model, step
     return out

@@ -101,10 +101,10 @@ def main() -> None:
               f"{compile_one(kd._dropout_kernel, sig, {'DTYPE': dt, 'BLOCK_SIZE': kd.BLOCK, 'WIDE': False}, arch)}")
         sig = {"x_ptr": P[dt], "w_ptr": P[dt], "y_ptr": P[dt], "rstd_ptr": "*fp32", "N": "i32", "stride": "i32",
                "eps": "fp32"}
-        print(f"rmsnorm fwd sm_{arch} {dt}: {compile_one(kr._fwd_kernel, sig, {'DTYPE': dt, 'BLOCK': 8192}, arch, 16)}")
+        print(f"rmsnorm fwd sm_{arch} {dt}: {compile_one(kr._rmsnorm_fwd, sig, {'DTYPE': dt, 'BLOCK': 8192}, arch, 16)}")
         sig = {"dy_ptr": P[dt], "x_ptr": P[dt], "w_ptr": P[dt], "rstd_ptr": "*fp32", "dx_ptr": P[dt], "N": "i32",
                "stride": "i32"}
-        print(f"rmsnorm bwd sm_{arch} {dt}: {compile_one(kr._bwd_kernel, sig, {'DTYPE': dt, 'BLOCK': 8192}, arch, 16)}")
+        print(f"rmsnorm bwd sm_{arch} {dt}: {compile_one(kr._rmsnorm_bwd, sig, {'DTYPE': dt, 'BLOCK': 8192}, arch, 16)}")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,10 @@ def compose(overrides: list[str]):
         return hydra_compose("qtune_train", overrides=overrides)
 
 
-CLASSES = (("matmul", ("gemm", "cutlass", "xmma", "sm90_", "cublas", "gemv")), ("attention", ("fmha", "flash", "attention")),
+CLASSES = (("attention", ("fmha", "flash", "attention")), ("matmul", ("gemm", "cutlass", "xmma", "sm90_", "cublas", "gemv")),
            ("4-bit dequantize", ("_dequant",)), ("4-bit fused matmul", ("_fwd_kernel", "_gemv_kernel", "_bwd_kernel")),
-           ("8-bit adam", ("_adam",)), ("dropout", ("_dropout",)), ("loss", ("cross_entropy", "softmax", "nll")),
+           ("8-bit adam", ("_adam",)), ("dropout", ("_dropout",)), ("rmsnorm", ("_rmsnorm",)),
+           ("loss", ("cross_entropy", "softmax", "nll")),
            ("reduction", ("reduce",)), ("copy/cast", ("copy", "cat", "direct_copy")),
            ("elementwise", ("elementwise", "vectorized", "unrolled")))
 
