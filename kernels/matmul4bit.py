@@ -32,7 +32,7 @@ FWD_MAX_M = 64
 BWD_MAX_M = 0
 # The CUDA-core GEMV for a single row (54 us vs the tiled kernel's 68 at M=1; slower from M=2).
 GEMV_MAX_M = 1
-GEMV_CONFIG = (1, 16, 512, 4, False)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, code table in memory
+GEMV_CONFIG = (1, 16, 512, 4, 0)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, LUT kind (_lookup)
 
 
 @triton.jit
@@ -68,12 +68,44 @@ def _codes(table, byte, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _lookup(code_ptr, table, byte, AXIS: tl.constexpr, LUT_IN_MEMORY: tl.constexpr, DOT: tl.constexpr):
-    """The two values of each byte: from the 64-byte code table through L1 (kernels launched
-    unpipelined, so the lookups stay loads), or from registers."""
-    if LUT_IN_MEMORY:
+def _pair_table(code_ptr, DOT: tl.constexpr):
+    """For each of the 256 byte values its two code values (high nibble, low nibble) in DOT, packed
+    into one integer (int32 for 16-bit DOT, int64 for float32): one shared-memory gather per byte."""
+    b = tl.arange(0, 256)
+    hi, lo = tl.load(code_ptr + (b >> 4)).to(DOT), tl.load(code_ptr + (b & 15)).to(DOT)
+    if DOT == tl.float32:
+        pairs = (hi.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (lo.to(tl.int32, bitcast=True).to(tl.int64)
+                                                                    & 0xFFFFFFFF)
+    else:
+        pairs = (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (lo.to(tl.int16, bitcast=True).to(tl.int32)
+                                                                    & 0xFFFF)
+    return pairs
+
+
+@triton.jit
+def _code_table(code_ptr, COLS: tl.constexpr, AXIS: tl.constexpr, LUT: tl.constexpr, DOT: tl.constexpr):
+    """What _lookup reads for LUT kind 0 (registers) or 2 (byte pairs); kind 1 reads code_ptr itself."""
+    if LUT == 2:
+        table = _pair_table(code_ptr, DOT)
+    else:
+        table = _table(code_ptr, COLS, AXIS, DOT)
+    return table
+
+
+@triton.jit
+def _lookup(code_ptr, table, byte, AXIS: tl.constexpr, LUT: tl.constexpr, DOT: tl.constexpr):
+    """The two values of each byte, by LUT kind: 0 from the 16-entry table in registers (shuffles),
+    1 from the 64-byte code table through L1 (kernels launched unpipelined, so the lookups stay
+    loads), 2 from the 256-entry table of byte pairs gathered from shared memory (one read per byte)."""
+    if LUT == 1:
         b = byte.to(tl.int32)
         hi, lo = tl.load(code_ptr + (b >> 4)).to(DOT), tl.load(code_ptr + (b & 15)).to(DOT)
+    elif LUT == 2:
+        w = tl.reshape(tl.gather(table, tl.reshape(byte.to(tl.int32), [byte.numel]), 0), byte.shape)
+        if DOT == tl.float32:
+            hi, lo = (w >> 32).to(tl.int32).to(DOT, bitcast=True), w.to(tl.int32).to(DOT, bitcast=True)
+        else:
+            hi, lo = (w >> 16).to(tl.int16).to(DOT, bitcast=True), w.to(tl.int16).to(DOT, bitcast=True)
     else:
         hi, lo = _codes(table, byte, AXIS)
     return hi, lo
@@ -92,7 +124,7 @@ def _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIA
 def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
                 y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                 BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                PRECISION: tl.constexpr, LUT_IN_MEMORY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr, LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SPLIT_K: tl.constexpr, NBLK: tl.constexpr):
     """Each iteration takes NBLK absmax blocks of K (NBLK > 1: longer contiguous byte loads per row;
     the weights are scaled by their absmax and rounded to the compute dtype before the dot, as
@@ -121,8 +153,8 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
     blk = rn.to(tl.int64)[None, :] * blocks_per_row + g[:, None]  # (NBLK, BLOCK_N) absmax indices
     offset = tl.load(offset_ptr) if NESTED else 0.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    LUT: tl.constexpr = DOT if NBLK == 1 else tl.float32  # codes scaled in float32 first when NBLK > 1
-    table = _table(code_ptr, BLOCK_N, 0, LUT)
+    LUT_DT: tl.constexpr = DOT if NBLK == 1 else tl.float32  # codes scaled in float32 first when NBLK > 1
+    table = _code_table(code_ptr, BLOCK_N, 0, LUT, LUT_DT)
     # Every global load of group kb + NBLK is issued before group kb computes (one group of lookahead).
     k_first = tl.minimum(kb0, last)
     byte = tl.load(packed_ptr + w_cols + k_first * (BS // 2), mask=n_mask[None, :], other=0)
@@ -134,7 +166,7 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
         xv_n = tl.load(x_offs + kn * BS, mask=m_mask[:, None], other=0.0)
         stored_n = tl.load(absmax_ptr + blk + kn, mask=n_mask[None, :], other=0)
         xe, xo = tl.split(xv.reshape(BLOCK_M, NBLK * BS // 2, 2))  # even and odd columns of X
-        hi, lo = _lookup(code_ptr, table, byte, 0, LUT_IN_MEMORY, LUT)
+        hi, lo = _lookup(code_ptr, table, byte, 0, LUT, LUT_DT)
         am = _absmax(stored, blk + kb, n_mask[None, :], nested_absmax_ptr, nested_code_ptr, offset, NESTED)
         if NBLK == 1:
             part = tl.dot(xe.to(DOT), hi, input_precision=PRECISION)
@@ -164,12 +196,12 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
 @triton.jit
 def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
                  y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                 BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, LUT_IN_MEMORY: tl.constexpr,
+                 BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, LUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Few rows of X on CUDA cores: each program reads BLOCK_N rows of W once, BLOCK_K values (several
     absmax blocks, contiguous bytes) per step, for all BLOCK_M rows of X; float32 throughout. The
-    nibbles are looked up in registers (tl.gather) or, LUT_IN_MEMORY, in the 64-byte table through
-    L1 (one cache line: a warp's lookups are served at once; no pipelining to turn them into copies)."""
+    nibbles are looked up as _lookup's LUT kind says (through L1, the 64-byte table is one cache
+    line: a warp's lookups are served at once; no pipelining to turn them into copies)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -179,12 +211,12 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
     bk = tl.arange(0, BLOCK_K // BS)
     blocks_per_row = K // BS
     offset = tl.load(offset_ptr) if NESTED else 0.0
-    table = _table(code_ptr, BLOCK_N, 1, tl.float32)
+    table = _code_table(code_ptr, BLOCK_N, 1, LUT, tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides K: only whole rows are masked (loads vectorize)
         byte = tl.load(packed_ptr + rn.to(tl.int64)[:, None] * stride_wn + k0 // 2 + hk[None, :],
                        mask=n_mask[:, None], other=0)
-        hi, lo = _lookup(code_ptr, table, byte, 1, LUT_IN_MEMORY, tl.float32)  # (BLOCK_N, BLOCK_K / 2)
+        hi, lo = _lookup(code_ptr, table, byte, 1, LUT, tl.float32)  # (BLOCK_N, BLOCK_K / 2)
         blk = rn.to(tl.int64)[:, None] * blocks_per_row + k0 // BS + bk[None, :]
         am = _absmax(tl.load(absmax_ptr + blk, mask=n_mask[:, None], other=0), blk, n_mask[:, None],
                      nested_absmax_ptr, nested_code_ptr, offset, NESTED)
@@ -252,19 +284,19 @@ def _dot_dtype(dtype: torch.dtype):
     return _TL[dtype], "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, bool, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, code table in memory, SPLIT_K) by the number of
+def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind (_lookup), SPLIT_K) by the number of
     rows (scripts/bench_kernels.py --sweep); float32 tiles stay small enough for sm_75's 64 KiB of
     shared memory."""
     if M <= 16:
-        return 16, 64, 4, 3, False, 8 if M <= 8 else 4
+        return 16, 64, 4, 3, 0, 8 if M <= 8 else 4
     if dtype == torch.float32:
-        return (32 if M <= 32 else 64), 64, 4, 3, False, 2 if M <= 64 else 1
+        return (32 if M <= 32 else 64), 64, 4, 3, 0, 2 if M <= 64 else 1
     if M <= 32:
-        return 32, 128, 4, 4, False, 2
+        return 32, 128, 4, 4, 0, 2
     if M <= 64:
-        return 64, 128, 4, 3, False, 2
-    return 128, 128, 8, 3, False, 1
+        return 64, 128, 4, 3, 0, 2
+    return 128, 128, 8, 3, 0, 1
 
 
 def _nested_args(absmax, nested):
@@ -307,7 +339,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     if config is None and M <= GEMV_MAX_M:
         return gemv(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    bm, bn, warps, stages, lut_mem, *rest = config or _config(M, x.dtype)
+    bm, bn, warps, stages, lut, *rest = config or _config(M, x.dtype)
     split_k, nblk = _runs(K // blocksize, *rest)
     dot, precision = _dot_dtype(x.dtype)
     na, nc, off = _nested_args(absmax, nested)
@@ -317,8 +349,8 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     _fwd_kernel[grid](x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
                       bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0),
                       BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, DOT=dot,
-                      PRECISION=precision, LUT_IN_MEMORY=lut_mem, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k,
-                      NBLK=nblk, num_warps=warps, num_stages=1 if lut_mem else stages)
+                      PRECISION=precision, LUT=int(lut), BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k,
+                      NBLK=nblk, num_warps=warps, num_stages=1 if lut == 1 else stages)
     return y
 
 
@@ -327,10 +359,10 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
          nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None = None,
          config: tuple[int, int, int, int, bool] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """As `forward`, on CUDA cores for few rows; config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-    code table in memory)."""
+    LUT kind: 0 registers, 1 L1, 2 byte pairs in shared memory; booleans read as 0/1)."""
     M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    bm, bn, bk, warps, lut_mem = config or GEMV_CONFIG
+    bm, bn, bk, warps, lut = config or GEMV_CONFIG
     bm = min(bm, triton.next_power_of_2(M))
     bk = max(bk, blocksize)
     while K % bk:  # the largest power of two <= bk that divides K (blocksize does)
@@ -339,7 +371,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
     _gemv_kernel[grid](x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
                        bias if bias is not None else x, y, M, N, K, x.stride(0), K // 2, y.stride(0),
-                       BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT_IN_MEMORY=lut_mem,
+                       BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT=int(lut),
                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1)
     return y
 

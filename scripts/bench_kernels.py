@@ -108,24 +108,22 @@ def bench_matmul(rows: list) -> None:
               f"{times['bf16'] / times['qtune']:.2f}x bf16")
 
 
-def _candidates(m: int) -> list[tuple[int, int, int, int, bool, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, code table in memory, SPLIT_K, NBLK) to try at m rows."""
+def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K, NBLK) to try at m rows (LUT kind:
+    0 registers, 1 L1, 2 byte pairs in shared memory; matmul4bit._lookup)."""
     if m <= 16:
-        return [(16, bn, 4, st, False, sk, nb) for bn in (32, 64) for st in (3, 4) for sk in (1, 2, 4, 8)
-                for nb in (1, 2, 4)] + [(16, bn, 4, 1, True, sk, 1) for bn in (32, 64) for sk in (1, 4)]
+        return [(16, bn, 4, st, lut, sk, nb) for bn in (32, 64) for st in (3, 4) for lut in (0, 2) for sk in (1, 2, 4, 8)
+                for nb in (1, 2, 4)] + [(16, bn, 4, 1, 1, sk, 1) for bn in (32, 64) for sk in (1, 4)]
     bms = {32: (32,), 64: (64,), 128: (64, 128)}.get(m, (128,))
-    return [(bm, bn, w, st, False, sk, nb) for bm in bms for bn in (64, 128) for w in ((4, 8) if bm >= 128 else (4,))
-            for st in (3, 4) for sk in (1, 2, 4) for nb in (1, 2) if bm * bn <= 256 * 128] + \
-        [(bm, 64, 4, 1, True, 1, 1) for bm in bms]
+    return [(bm, bn, w, st, lut, sk, nb) for bm in bms for bn in (64, 128) for w in ((4, 8) if bm >= 128 else (4,))
+            for st in (3, 4) for lut in (0, 2) for sk in (1, 2, 4) for nb in (1, 2) if bm * bn <= 256 * 128] + \
+        [(bm, 64, 4, 1, 1, 1, 1) for bm in bms]
 
 
-def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, bool]]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, code table in memory) for the CUDA-core GEMV."""
+def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, LUT kind) for the CUDA-core GEMV."""
     bm = min(m, 8)
-    return ([(bm, bn, bk, w, True) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (2, 4)]
-            + [(bm, bn, 512, 4, False) for bn in (8, 16)])
-
-
+    return ([(bm, bn, bk, w, lut) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (2, 4) for lut in (1, 2)]
 def sweep_gemv(rows: list) -> None:
     """The GEMV's launch configs at few rows, against the tiled fused kernel and dequantize + cuBLAS."""
     _, q, _ = layers()

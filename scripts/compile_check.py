@@ -47,13 +47,13 @@ def main() -> None:
             sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "ws_ptr": "*fp32", "lock_ptr": "*i32",
                    "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
             c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "DOT": dot, "PRECISION": prec,
-                 "LUT_IN_MEMORY": bm == 64, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk, "NBLK": nb}
+                 "LUT": {16: 2, 32: 0, 64: 1}.get(bm, 2), "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk, "NBLK": nb}
             print(f"fwd sm_{arch} {dt} nested={nested} {bm}x{bn} split {sk} nblk {nb}: "
                   f"{compile_one(mm._fwd_kernel, sig, c, arch, w, st)}")
         sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
-        for bm, bn, bk, w, lut in ((1, 4, 512, 2, True), (4, 8, 512, 4, False), (8, 16, 1024, 4, True)):
-            c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "LUT_IN_MEMORY": lut, "BLOCK_M": bm, "BLOCK_N": bn,
+        for bm, bn, bk, w, lut in ((1, 4, 512, 2, 1), (4, 8, 512, 4, 0), (8, 16, 1024, 4, 2), (1, 16, 512, 4, 2)):
+            c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "LUT": lut, "BLOCK_M": bm, "BLOCK_N": bn,
                  "BLOCK_K": bk}
             print(f"gemv sm_{arch} {dt} nested={nested} {bm}x{bn}x{bk}: {compile_one(mm._gemv_kernel, sig, c, arch, w)}")
         sig = {"dy_ptr": P[dt], **common, "dx_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32",
