@@ -144,6 +144,17 @@ def test_cuda_graph_steps_train_as_eager_ones(tmp_path, env, precision):
     print("eager", a, "\ngraphs", b)
     assert len(a) == len(b) == 8 and max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 2e-3, (a, b)
     assert b[-1] < b[0]
+    # checkpoint, eval and resume with graphs on: the resumed run repeats the uninterrupted one's losses
+    more = ["train.save_every=4", "train.eval_every=4"]
+    run([*args, *more, f"hydra.run.dir={tmp_path / 'u'}"], tmp_path, env)
+    p = run([*args, *more, f"hydra.run.dir={tmp_path / 'r'}", "train.simulate_sigterm_at=4"], tmp_path, env, check=False)
+    assert p.returncode == 128 + 15, p.stderr[-2000:]
+    run([*args, *more, f"hydra.run.dir={tmp_path / 'r'}", "train.resume=auto"], tmp_path, env)
+    u = [r for r in metrics(tmp_path / "u") if "loss" in r or "eval_loss" in r]
+    r = [r for r in metrics(tmp_path / "r") if "loss" in r or "eval_loss" in r]
+    key = lambda rec: rec.get("loss", rec.get("eval_loss"))  # noqa: E731
+    assert [x["step"] for x in u] == [x["step"] for x in r] and any("eval_loss" in x for x in u)
+    assert max(abs(key(x) - key(y)) / abs(key(x)) for x, y in zip(u, r)) < 1e-5, (u, r)
 
 
 def test_micro_steps_say_why_graphs_are_off(capsys):
