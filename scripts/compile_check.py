@@ -17,6 +17,7 @@ from qtune.kernels import adam8bit as ka
 from qtune.kernels import dequant as dq
 from qtune.kernels import dropout as kd
 from qtune.kernels import rmsnorm as kr
+from qtune.kernels import rope as kro
 from qtune.kernels import matmul4bit as mm
 from qtune.kernels import quantize as kq
 
@@ -105,6 +106,10 @@ def main() -> None:
         sig = {"dy_ptr": P[dt], "x_ptr": P[dt], "w_ptr": P[dt], "rstd_ptr": "*fp32", "dx_ptr": P[dt], "N": "i32",
                "stride": "i32"}
         print(f"rmsnorm bwd sm_{arch} {dt}: {compile_one(kr._rmsnorm_bwd, sig, {'DTYPE': dt, 'BLOCK': 8192}, arch, 16)}")
+        sig = {"x_ptr": P[dt], "y_ptr": P[dt], "cos_ptr": P[dt], "sin_ptr": P[dt],
+               **{n: "i32" for n in ("n_rows", "H", "S", "sxb", "sxh", "sxs", "syb", "syh", "sys_", "scb", "scs")}}
+        print(f"rope sm_{arch} {dt}: "
+              f"{compile_one(kro._rope_kernel, sig, {'SIGN': 1.0, 'HALF': 64, 'DTYPE': dt, 'ROWS': kro.ROWS}, arch)}")
 
 
 if __name__ == "__main__":

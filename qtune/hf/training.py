@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 
 import torch
@@ -124,3 +125,32 @@ def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     from ..nn.rmsnorm import rms_norm
 
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+ROPE_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+
+
+def fuse_rope(model: nn.Module) -> int:
+    """Route the rotary embedding of Llama-family attention layers through qtune.nn.rope (one kernel
+    per tensor each way on GPUs). transformers calls a module-level `apply_rotary_pos_emb` from each
+    attention forward; it is swapped for the duration of these layers' forwards only (recomputation
+    included), so other models in the process are untouched. Returns the layers changed."""
+    layers = [m for m in model.modules() if type(m).__name__ in ROPE_ATTENTION_CLASSES
+              and hasattr(sys.modules[type(m).__module__], "apply_rotary_pos_emb")]
+    for m in layers:
+        m.forward = types.MethodType(_with_fused_rope(type(m).forward, sys.modules[type(m).__module__]), m)
+    return len(layers)
+
+
+def _with_fused_rope(forward, module):
+    from ..nn.rope import apply_rotary_pos_emb
+
+    def run(self, *args, **kwargs):
+        original = module.apply_rotary_pos_emb
+        module.apply_rotary_pos_emb = apply_rotary_pos_emb
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            module.apply_rotary_pos_emb = original
+
+    return run
