@@ -31,12 +31,14 @@ def _fmix32(h):
 
 
 @triton.jit(do_not_specialize=["salt", "threshold"])  # (n stays specialized: n % 16 == 0 vectorizes the loads)
-def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n, salt, threshold, scale, DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    WIDE: tl.constexpr):
+def _dropout_kernel(x_ptr, y_ptr, seed_ptr, seed_out_ptr, n, salt, threshold, scale, DTYPE: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
     offs = (pid.to(tl.int64) if WIDE else pid) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
-    seed = tl.load(seed_ptr).to(tl.uint32)
+    seed_in = tl.load(seed_ptr)
+    tl.store(seed_out_ptr, seed_in, mask=pid == 0)  # the seed this call used, for its backward
+    seed = seed_in.to(tl.uint32)
     key = _fmix32(seed * 0x85EBCA77 + salt.to(tl.uint32))
     h = _fmix32((offs.to(tl.uint32) * 0x9E3779B1) ^ key)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -45,15 +47,21 @@ def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n, salt, threshold, scale, DTYPE: tl
 
 
 @on_tensor_device
-def dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+def dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float,
+            seed_out: torch.Tensor | None = None) -> torch.Tensor:
     """x with the elements the hash drops zeroed and the rest scaled by 1/(1-p), in x's dtype.
-    `seed`: a 1-element integer tensor on x's device (read by the kernel, so graphs see updates)."""
+    `seed`: a 1-element int64 tensor on x's device (read by the kernel, so graphs see updates);
+    `seed_out` (same kind) receives the value used, so the backward can repeat the mask after the
+    seed has moved on (no separate copy)."""
     x = x.contiguous()
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, n, salt % 2**32, threshold(p), 1.0 / (1.0 - p),
+        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, seed if seed_out is None else seed_out, n,
+                                                  salt % 2**32, threshold(p), 1.0 / (1.0 - p),
                                                   DTYPE=_TL[x.dtype], BLOCK_SIZE=BLOCK, WIDE=n >= 2**31 - BLOCK)
+    elif seed_out is not None:
+        seed_out.copy_(seed)
     return y
 
 

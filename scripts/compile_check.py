@@ -96,7 +96,8 @@ def main() -> None:
     for arch, dt in itertools.product((90, 75), (tl.float32, tl.bfloat16, tl.float16)):
         if arch == 75 and dt == tl.bfloat16:
             continue
-        sig = {"x_ptr": P[dt], "y_ptr": P[dt], "seed_ptr": "*i64", "n": "i32", "salt": "i32", "threshold": "i64",
+        sig = {"x_ptr": P[dt], "y_ptr": P[dt], "seed_ptr": "*i64", "seed_out_ptr": "*i64", "n": "i32", "salt": "i32",
+               "threshold": "i64",
                "scale": "fp32"}
         print(f"dropout sm_{arch} {dt}: "
               f"{compile_one(kd._dropout_kernel, sig, {'DTYPE': dt, 'BLOCK_SIZE': kd.BLOCK, 'WIDE': False}, arch)}")

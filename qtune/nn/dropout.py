@@ -40,23 +40,29 @@ def reference(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch
     return torch.where(keep, x.float() * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
 
 
-def hash_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+def hash_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float,
+                 seed_out: torch.Tensor | None = None) -> torch.Tensor:
+    """dropout(x) by the hashed mask; `seed_out`, if given, receives the seed's value as used."""
     if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and use_kernel(x):
         from ..kernels import dropout
 
-        return dropout.dropout(x, seed, salt, p).view(x.shape)
+        return dropout.dropout(x, seed, salt, p, seed_out).view(x.shape)
+    if seed_out is not None:
+        seed_out.copy_(seed)
     return reference(x, seed, salt, p)
 
 
 class HashDropoutFn(torch.autograd.Function):
-    """y = dropout(x); dx = dropout(dy) with the same mask (the seed's value is kept at forward)."""
+    """y = dropout(x); dx = dropout(dy) with the same mask (the seed's value at forward is kept:
+    the kernel writes it out, so a graph holds no extra copy per call)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, seed: torch.Tensor, salt: int, p: float):
-        seed = seed.detach().clone()
-        ctx.save_for_backward(seed)
+        used = torch.empty_like(seed)
+        y = hash_dropout(x, seed, salt, p, used)
+        ctx.save_for_backward(used)
         ctx.salt, ctx.p = salt, p
-        return hash_dropout(x, seed, salt, p)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

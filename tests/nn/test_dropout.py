@@ -37,7 +37,9 @@ def test_keep_fraction_and_independence(p):
     assert torch.equal(a, keep_mask(n, seed.clone(), 0, p))
 
 
-def test_gradient_uses_the_forward_mask_even_after_the_seed_moves():
+@pytest.mark.parametrize("backend", ["", "triton"])  # the torch path, and the kernel writing out its seed
+def test_gradient_uses_the_forward_mask_even_after_the_seed_moves(backend, monkeypatch):
+    monkeypatch.setenv("QTUNE_BACKEND", backend)
     x = torch.randn(64, 32, device=DEVICE, requires_grad=True)
     seed = torch.tensor([9], device=DEVICE)
     y = HashDropoutFn.apply(x, seed, 5, 0.25)
