@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
-from .rounding import to_dtype_rne
+from .rounding import TL_DTYPES, to_dtype_rne
 
 BLOCK = 256  # values per absmax block
 # Launch shape per parameter dtype: (256-value blocks per program, warps). From scripts/bench_optim.py
@@ -179,9 +179,6 @@ def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, 
                    step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
 class StateMaps(NamedTuple):
     """Each 8-bit map as one float32 table on the device (codes, midpoints, then the decade
     tables of _magnitude_index, laid out as MIDS..TABLE say) with two host numbers: the midpoint
@@ -264,6 +261,6 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
         state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy,
         maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
         maps.zero1, maps.binade1, maps.zero2, maps.binade2,
-        P_DTYPE=_TL_DTYPES[p_base.dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
+        P_DTYPE=TL_DTYPES[p_base.dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
         PER_TENSOR_STEP=per_tensor, ALIGN=align, SHARED=LUT_SHARED, NB=launch[0], BLOCK_SIZE=BLOCK, num_warps=launch[1],
     )

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
-from .rounding import to_dtype_rne
+from .rounding import TL_DTYPES, to_dtype_rne
 
 # Launch shape (scripts/bench_kernels.py --sweep-formats): packed bytes per program and warps. Measured
 # on an H100, bf16 NF4 + double quant: 4096 bytes and 4 warps 68.3 us at 13824x5120 (87% of copy
@@ -16,7 +16,6 @@ from .rounding import to_dtype_rne
 # stores with an evict-first hint, were no faster.
 BYTES_PER_PROGRAM = 4096  # 8192 values
 NUM_WARPS = 4
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -60,6 +59,6 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     grid = (triton.cdiv(n_blocks, nb),)
     na, nc, off = nested if nested is not None else (absmax, code, absmax)
     _dequant4_kernel[grid](flat, absmax, code, out, n_bytes, n, n_blocks, na, nc, off, BLOCKSIZE=blocksize,
-                           NESTED=nested is not None, OUT=_TL[dtype], NB=nb, num_warps=warps,
+                           NESTED=nested is not None, OUT=TL_DTYPES[dtype], NB=nb, num_warps=warps,
                            enable_fp_fusion=False)
     return out

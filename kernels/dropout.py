@@ -14,10 +14,9 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
-from .rounding import to_dtype_rne
+from .rounding import TL_DTYPES, to_dtype_rne
 
 BLOCK = 2048
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -59,7 +58,7 @@ def dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float,
     if n:
         _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, seed if seed_out is None else seed_out, n,
                                                   salt % 2**32, threshold(p), 1.0 / (1.0 - p),
-                                                  DTYPE=_TL[x.dtype], BLOCK_SIZE=BLOCK, WIDE=n >= 2**31 - BLOCK)
+                                                  DTYPE=TL_DTYPES[x.dtype], BLOCK_SIZE=BLOCK, WIDE=n >= 2**31 - BLOCK)
     elif seed_out is not None:
         seed_out.copy_(seed)
     return y

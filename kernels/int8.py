@@ -12,9 +12,8 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
-from .rounding import to_dtype_rne
+from .rounding import TL_DTYPES, to_dtype_rne
 
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 QUANT_BLOCK_K = 1024  # columns per step of the row-wise quantizer
 OUTLIER_BLOCK = (32, 128)  # rows x columns per program of the outlier-column scan
 
@@ -169,6 +168,6 @@ def int8_matmul(a: torch.Tensor, a_absmax: torch.Tensor, w: torch.Tensor, w_absm
     _int8_matmul_kernel[grid](a, w, out, a_absmax, w_absmax, out if bias is None else bias,
                               out if add is None else add, M, N, K, a.stride(0), w.stride(0), out.stride(0),
                               0 if add is None else add.stride(0), HAS_BIAS=bias is not None,
-                              HAS_ADD=add is not None, OUT=_TL[dtype], EVEN_K=K % cfg["BLOCK_K"] == 0,
+                              HAS_ADD=add is not None, OUT=TL_DTYPES[dtype], EVEN_K=K % cfg["BLOCK_K"] == 0,
                               enable_fp_fusion=False, **cfg)
     return out

@@ -20,9 +20,8 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
-from .rounding import to_dtype_rne
+from .rounding import TL_DTYPES, to_dtype_rne
 
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 MAX_BLOCKSIZE = 256
 # Rows of X (dY) up to which the fused kernel beats dequantize + cuBLAS, from scripts/bench_kernels.py
 # --sweep on an H100 (13824x5120, bf16): forward with split-K 68/69/77/93 us at M=1/16/32/64 vs
@@ -281,7 +280,7 @@ def _dot_dtype(dtype: torch.dtype):
     # Triton's interpreter gets bf16 arithmetic wrong (DESIGN.md): it multiplies in fp32 instead.
     if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         return tl.float32, "ieee"
-    return _TL[dtype], "ieee" if dtype == torch.float32 else "tf32"
+    return TL_DTYPES[dtype], "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:

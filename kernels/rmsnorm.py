@@ -9,9 +9,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
-from .rounding import to_dtype_rne
-
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+from .rounding import TL_DTYPES, to_dtype_rne
 
 
 @triton.jit
@@ -54,7 +52,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Te
     N = x2.shape[1]
     block = triton.next_power_of_2(N)
     if x2.shape[0]:
-        _rmsnorm_fwd[(x2.shape[0],)](x2, weight, y, rstd, N, x2.stride(0), eps, DTYPE=_TL[x.dtype], BLOCK=block,
+        _rmsnorm_fwd[(x2.shape[0],)](x2, weight, y, rstd, N, x2.stride(0), eps, DTYPE=TL_DTYPES[x.dtype], BLOCK=block,
                                     num_warps=min(16, max(1, block // 512)))
     return y.view(x.shape), rstd
 
@@ -67,6 +65,6 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torc
     N = x2.shape[1]
     block = triton.next_power_of_2(N)
     if x2.shape[0]:
-        _rmsnorm_bwd[(x2.shape[0],)](dy2, x2, weight, rstd, dx, N, x2.stride(0), DTYPE=_TL[x.dtype], BLOCK=block,
+        _rmsnorm_bwd[(x2.shape[0],)](dy2, x2, weight, rstd, dx, N, x2.stride(0), DTYPE=TL_DTYPES[x.dtype], BLOCK=block,
                                     num_warps=min(16, max(1, block // 512)))
     return dx.view(x.shape)

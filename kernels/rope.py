@@ -9,10 +9,9 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
-from .rounding import to_dtype_rne
+from .rounding import TL_DTYPES, to_dtype_rne
 
 ROWS = 16  # (b, h, s) rows per program
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -50,5 +49,5 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     if n:
         _rope_kernel[(triton.cdiv(n, ROWS),)](x, y, cos, sin, n, H, S, *x.stride()[:3], *y.stride()[:3],
                                              cos.stride(0), cos.stride(1), SIGN=-1.0 if inverse else 1.0,
-                                             HALF=D // 2, DTYPE=_TL[x.dtype], ROWS=ROWS)
+                                             HALF=D // 2, DTYPE=TL_DTYPES[x.dtype], ROWS=ROWS)
     return y

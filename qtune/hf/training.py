@@ -9,6 +9,9 @@ import types
 import torch
 from torch import nn
 
+from ..nn.rmsnorm import rms_norm
+from ..nn.rope import apply_rotary_pos_emb
+
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True, use_reentrant: bool = False,
                          preserve_rng_state: bool = True) -> nn.Module:
@@ -122,8 +125,6 @@ def fuse_rmsnorm(model: nn.Module) -> int:
 
 
 def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    from ..nn.rmsnorm import rms_norm
-
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
@@ -143,8 +144,6 @@ def fuse_rope(model: nn.Module) -> int:
 
 
 def _with_fused_rope(forward, module):
-    from ..nn.rope import apply_rotary_pos_emb
-
     def run(self, *args, **kwargs):
         original = module.apply_rotary_pos_emb
         module.apply_rotary_pos_emb = apply_rotary_pos_emb

@@ -90,7 +90,7 @@ class HashDropout(nn.Module):
         return f"p={self.p}, salt={self.salt}"
 
 
-def use_hash_dropout(model: nn.Module, seed: torch.Tensor | None = None) -> torch.Tensor | None:
+def use_hash_dropout(model: nn.Module) -> torch.Tensor | None:
     """Replace the nn.Dropout of every LoRA layer (peft's `lora_dropout` dicts) by HashDropout
     sharing one seed tensor, which is returned (None when the model has no LoRA dropout); the loop
     adds one to it per micro-batch."""
@@ -98,9 +98,8 @@ def use_hash_dropout(model: nn.Module, seed: torch.Tensor | None = None) -> torc
               for k, d in m.lora_dropout.items() if isinstance(d, nn.Dropout) and d.p > 0]
     if not layers:
         return None
-    if seed is None:
-        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-        seed = torch.zeros(1, dtype=torch.int64, device=device)
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
     for salt, (holder, key) in enumerate(layers):
         holder[key] = HashDropout(holder[key].p, seed, salt)
     return seed
