@@ -21,6 +21,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     build: Optional[str] = None  # "tiny-llama": build a tiny random model + tokenizer at `name` first
     attn_implementation: Optional[str] = None
+    host_embeddings: bool = False  # on a GPU: the frozen input embeddings stay in pinned host memory
 
 
 @dataclass
@@ -53,6 +54,7 @@ class OptimSettings:
     max_grad_norm: float = 1.0  # 0 disables clipping
     schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
+    paged: bool = False  # 8-bit states in pinned host memory, off the GPU (as bitsandbytes' paged optimizers)
 
 
 @dataclass

@@ -41,9 +41,11 @@ def make_optimizer(cfg, params):
     o = cfg.optim
     kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "adamw8bit":
-        return AdamW8bit(params, **kw)
+        return AdamW8bit(params, **kw, paged=o.paged)
     if o.name == "adam8bit":
-        return Adam8bit(params, **kw)
+        return Adam8bit(params, **kw, paged=o.paged)
+    if o.name == "adamw" and o.paged:
+        raise RunError("optim.paged=true needs an 8-bit optimizer; allowed with it: adamw8bit, adam8bit")
     if o.name == "adamw":
         return torch.optim.AdamW(params, **kw)
     raise RunError(f"optim.name {o.name!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")

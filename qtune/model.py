@@ -50,7 +50,7 @@ def load_model(cfg, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hf import QuantConfig, prepare_for_training
-    from .hf.training import draws_random, fuse_lora_output, fuse_rmsnorm, keep_adapter_inputs
+    from .hf.training import draws_random, embeddings_to_host, fuse_lora_output, fuse_rmsnorm, keep_adapter_inputs
     from .nn.dropout import use_hash_dropout
     from .hf.config import parse_dtype
     from .quant.codes import FLOAT_DTYPES
@@ -72,6 +72,9 @@ def load_model(cfg, device: torch.device):
                                               trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.model.host_embeddings and device.type == "cuda" and not embeddings_to_host(model):
+        print("model.host_embeddings: the input embeddings stay on the GPU (tied to the output layer, or not "
+              "an nn.Embedding)", flush=True)
     # LoRA's dropout is hashed (qtune.nn.dropout): where the base model draws no random numbers,
     # checkpointing keeps no generator state, which lets the loop capture its step as a CUDA graph
     rng_free = not draws_random(model)

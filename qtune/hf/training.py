@@ -37,6 +37,19 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True, 
     return model
 
 
+def embeddings_to_host(model: nn.Module) -> bool:
+    """Move a frozen, untied input embedding table to pinned host memory (qtune.nn.embedding): the
+    GPU then holds no copy of it. Call before `prepare_for_training`. Returns whether it moved (not
+    for a tied table, which the output layer also uses, nor one that is not an nn.Embedding)."""
+    from ..nn.embedding import HostEmbedding
+
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(emb) is not nn.Embedding or (out is not None and getattr(out, "weight", None) is emb.weight):
+        return False
+    model.set_input_embeddings(HostEmbedding.from_embedding(emb))
+    return True
+
+
 def keep_adapter_inputs(model: nn.Module) -> int:
     """For training under autocast: LoRA layers take their input as it comes. peft casts it to the
     adapters' float32 first, and autocast casts it straight back for the matmul: two copies of the

@@ -111,6 +111,7 @@ def test_wandb_offline_run(tmp_path, env):
     (["recipe=tiny", "data.path=/does/not/exist.jsonl"], "does not exist"),
     (["recipe=tiny", "train.seq_len=8"], "prompts of train.seq_len=8"),
     (["recipe=tiny", "optim.name=sgd"], "optim.name 'sgd' is not supported"),
+    (["recipe=tiny", "optim.name=adamw", "optim.paged=true"], "optim.paged=true needs an 8-bit optimizer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, env, args, match):
     p = run([*args, f"hydra.run.dir={tmp_path / 'x'}"], tmp_path, env, check=False)
@@ -135,7 +136,8 @@ def test_cuda_graph_steps_train_as_eager_ones(tmp_path, env, precision):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     args = ["recipe=tiny", *QUICK, "train.max_steps=8", "train.log_every=1", "train.grad_accum=2", "lora.dropout=0.1",
-            "data.packing=true", f"train.precision={precision}", "train.device=cuda"]
+            "data.packing=true", f"train.precision={precision}", "train.device=cuda",
+            "optim.paged=true", "model.host_embeddings=true"]  # both read host memory from the graph
     g = run([*args, f"hydra.run.dir={tmp_path / 'g'}"], tmp_path, env)
     run([*args, f"hydra.run.dir={tmp_path / 'e'}", "train.cuda_graphs=false"], tmp_path, env)
     assert "cuda graphs off" not in g.stdout + g.stderr

@@ -232,6 +232,7 @@ def test_schedulers_closures_and_groups():
     (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
     (dict(weight_decay=-1e-2), "Invalid weight_decay value: -0.01"),
     (dict(min_8bit_size=0), "Invalid min_8bit_size: 0"),
+    (dict(paged="yes"), "Invalid paged: 'yes' (True or False)"),
 ])
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError) as e:
@@ -270,3 +271,30 @@ def test_state_saved_on_cuda_loads_on_cpu_and_continues_alike():
     _train(cpu_model, cpu_opt, 5, (x, y))
     for p, q in zip(gpu_model.parameters(), cpu_model.parameters()):
         assert rel_err(p.cpu(), q) < 1e-4  # kernel vs reference: float32 rounding apart
+
+
+@pytest.mark.gpu
+def test_paged_states_live_in_host_memory_and_step_bit_identically():
+    torch.manual_seed(5)
+    x, y = torch.randn(64, 32, device="cuda"), torch.randn(64, 1, device="cuda")
+    runs = []
+    for paged in (False, True):
+        model = _mlp().cuda()
+        opt = AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=1024, paged=paged)
+        _train(model, opt, 5, (x, y))
+        runs.append((model, opt))
+    (model, opt), (pmodel, popt) = runs
+    for p, q in zip(model.parameters(), pmodel.parameters()):
+        assert torch.equal(p, q)  # the same kernel on the same values, wherever the states live
+        s, t = opt.state[p], popt.state[q]
+        assert all(torch.equal(s[k].cpu(), t[k]) for k in s if k != "step")
+        assert all(t[k].device.type == "cpu" and t[k].is_pinned() for k in t if k != "step")
+    saved = {k: v.clone() for k, v in pmodel.state_dict().items()}, popt.state_dict()
+    _train(pmodel, popt, 3, (x, y))  # a paged optimizer resumes from its own state dict exactly
+    model2 = _mlp(seed=9).cuda()
+    model2.load_state_dict(saved[0])
+    opt2 = AdamW8bit(model2.parameters(), lr=1e-3, min_8bit_size=1024, paged=True)
+    opt2.load_state_dict(saved[1])
+    _train(model2, opt2, 3, (x, y))
+    for p, q in zip(pmodel.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
