@@ -50,7 +50,8 @@ def load_model(cfg, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hf import QuantConfig, prepare_for_training
-    from .hf.training import draws_random, embeddings_to_host, fuse_lora_output, fuse_rmsnorm, keep_adapter_inputs
+    from .hf.training import (draws_random, embeddings_to_host, fuse_lora_output, fuse_rmsnorm, fuse_rope,
+                              keep_adapter_inputs)
     from .nn.dropout import use_hash_dropout
     from .hf.config import parse_dtype
     from .quant.codes import FLOAT_DTYPES
@@ -90,6 +91,7 @@ def load_model(cfg, device: torch.device):
         keep_adapter_inputs(model)
     fuse_lora_output(model)
     fuse_rmsnorm(model)
+    fuse_rope(model)
     model.qtune_dropout_seed = use_hash_dropout(model)
     model.qtune_rng_free = rng_free
     return model, tokenizer
