@@ -32,7 +32,8 @@ DECODERS = {
     "GPTNeoXForCausalLM": "gpt_neox",
 }
 BATCH_KEYS = {"input_ids", "attention_mask", "position_ids", "labels"}
-CHUNK_ELEMENTS = 2**25  # logits per chunk: 1024 tokens at a 32k vocabulary
+CHUNK_ELEMENTS = 2**23  # logits per chunk: 256 tokens at a 32k vocabulary. A chunk's logits, their fp32
+# copy and gradients (~14 bytes per logit) are transient memory at the step's peak, the end of the forward.
 
 
 def chunk_tokens(vocab_size: int) -> int:
