@@ -51,7 +51,7 @@ def load_model(cfg, device: torch.device):
 
     from .hf import QuantConfig, prepare_for_training
     from .hf.training import (draws_random, embeddings_to_host, fuse_lora_output, fuse_rmsnorm, fuse_rope,
-                              keep_adapter_inputs)
+                              fuse_swiglu, keep_adapter_inputs)
     from .nn.dropout import use_hash_dropout
     from .hf.config import parse_dtype
     from .quant.codes import FLOAT_DTYPES
@@ -92,6 +92,7 @@ def load_model(cfg, device: torch.device):
     fuse_lora_output(model)
     fuse_rmsnorm(model)
     fuse_rope(model)
+    fuse_swiglu(model)
     model.qtune_dropout_seed = use_hash_dropout(model)
     model.qtune_rng_free = rng_free
     return model, tokenizer

@@ -169,11 +169,12 @@ def stack_c(path, args, seq, device):
     optimizer = loop.make_optimizer(cfg, params)
     scheduler = loop.make_schedule(cfg, optimizer, 10**6)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16" and device.type == "cuda")
-    if args.c_no_rope:  # transformers' rotary embedding instead of the fused one load_model sets
-        from qtune.hf.training import ROPE_ATTENTION_CLASSES
+    if args.c_unfuse:  # transformers' forwards instead of the fused ones load_model sets, for comparison
+        from qtune.hf.training import MLP_CLASSES, ROPE_ATTENTION_CLASSES
 
+        classes = {"rope": ROPE_ATTENTION_CLASSES, "swiglu": MLP_CLASSES}
         for m in model.modules():
-            if type(m).__name__ in ROPE_ATTENTION_CLASSES and "forward" in vars(m):
+            if any(type(m).__name__ in classes[k] for k in args.c_unfuse) and "forward" in vars(m):
                 del m.forward
     micro_steps = loop.make_micro_steps(cfg, model, scaler, device, group, autocast_dtype_for(t.precision, device))
     model.train()
@@ -384,7 +385,8 @@ def main() -> None:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--c-eager", action="store_true", help="stack C without CUDA graphs (train.cuda_graphs=false)")
-    ap.add_argument("--c-no-rope", action="store_true", help="stack C with transformers' rotary embedding, not qtune.nn.rope")
+    ap.add_argument("--c-unfuse", nargs="+", default=[], choices=["rope", "swiglu"],
+                    help="stack C with transformers' rotary embedding / MLP activation, not qtune's kernels")
     ap.add_argument("--quality-steps", type=int, default=0,
                     help="instead of the speed runs: train A and C this many steps (200) and compare losses")
     ap.add_argument("--quality-seq", type=int, default=1024)

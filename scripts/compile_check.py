@@ -18,6 +18,8 @@ from qtune.kernels import dequant as dq
 from qtune.kernels import dropout as kd
 from qtune.kernels import rmsnorm as kr
 from qtune.kernels import rope as kro
+from qtune.kernels import embedding as ke
+from qtune.kernels import swiglu as ks
 from qtune.kernels import matmul4bit as mm
 from qtune.kernels import quantize as kq
 
@@ -111,6 +113,12 @@ def main() -> None:
                **{n: "i32" for n in ("n_rows", "H", "S", "sxb", "sxh", "sxs", "syb", "syh", "sys_", "scb", "scs")}}
         print(f"rope sm_{arch} {dt}: "
               f"{compile_one(kro._rope_kernel, sig, {'SIGN': 1.0, 'HALF': 64, 'DTYPE': dt, 'ROWS': kro.ROWS}, arch)}")
+        sig = {"g_ptr": P[dt], "u_ptr": P[dt], "h_ptr": P[dt], "n": "i32"}
+        print(f"swiglu fwd sm_{arch} {dt}: {compile_one(ks._swiglu_fwd, sig, {'DTYPE': dt, 'BLOCK': ks.BLOCK}, arch)}")
+        sig = {"dh_ptr": P[dt], "g_ptr": P[dt], "u_ptr": P[dt], "dg_ptr": P[dt], "du_ptr": P[dt], "n": "i32"}
+        print(f"swiglu bwd sm_{arch} {dt}: {compile_one(ks._swiglu_bwd, sig, {'DTYPE': dt, 'BLOCK': ks.BLOCK}, arch)}")
+        sig = {"ids_ptr": "*i64", "w_ptr": P[dt], "out_ptr": P[dt], "D": "i32", "w_stride": "i32"}
+        print(f"embedding sm_{arch} {dt}: {compile_one(ke._gather_kernel, sig, {'BLOCK': ke.BLOCK}, arch)}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..nn.rmsnorm import rms_norm
 from ..nn.rope import apply_rotary_pos_emb
+from ..nn.swiglu import silu_mul
 
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True, use_reentrant: bool = False,
@@ -139,6 +140,25 @@ def fuse_rmsnorm(model: nn.Module) -> int:
 
 def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+# transformers MLP classes whose forward is LlamaMLP's: down(act(gate(x)) * up(x))
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+def fuse_swiglu(model: nn.Module) -> int:
+    """Route the SiLU-gated product of Llama-family MLPs through qtune.nn.swiglu (one kernel each way
+    on GPUs). Returns the layers changed."""
+    silu = lambda act: isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"  # noqa: E731
+    layers = [m for m in model.modules() if type(m).__name__ in MLP_CLASSES and silu(getattr(m, "act_fn", None))
+              and all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj"))]
+    for m in layers:
+        m.forward = types.MethodType(_swiglu_forward, m)
+    return len(layers)
+
+
+def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 ROPE_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
