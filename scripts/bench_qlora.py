@@ -207,12 +207,18 @@ def random_batches(n: int, seq: int, vocab: int, seed: int, device) -> list[dict
     return out
 
 
+def attention_backends(stack: str, args) -> None:
+    """A and B with torch's default attention backends; C as qtune.train sets them (no cuDNN)."""
+    torch.backends.cuda.enable_cudnn_sdp(stack != "C" or args.c_cudnn)
+
+
 def train(stack: str, path: str, args, seq: int, device, batches: list[dict], warmup: int, steps: int) -> dict:
     """Load a stack, run warm-up and timed steps (cycling through `batches`), free it."""
     cuda = device.type == "cuda"
     free()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+        attention_backends(stack, args)
     t0 = time.perf_counter()
     model, step, info = STACKS[stack](path, args, seq, device)
     rec = {"stack": stack, "seq": seq, "load_s": time.perf_counter() - t0, **info}
@@ -317,6 +323,7 @@ def profile(path, args, device, vocab) -> dict:
         batches = random_batches(1, seq, vocab, args.seed, device)
         for stack in args.stacks:
             free()
+            attention_backends(stack, args)
             model, step, _ = STACKS[stack](path, args, seq, device)
             for _ in range(args.warmup):
                 step(batches[0])
@@ -385,6 +392,7 @@ def main() -> None:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--c-eager", action="store_true", help="stack C without CUDA graphs (train.cuda_graphs=false)")
+    ap.add_argument("--c-cudnn", action="store_true", help="stack C with cuDNN attention allowed (qtune.train turns it off)")
     ap.add_argument("--c-unfuse", nargs="+", default=[], choices=["rope", "swiglu"],
                     help="stack C with transformers' rotary embedding / MLP activation, not qtune's kernels")
     ap.add_argument("--quality-steps", type=int, default=0,
