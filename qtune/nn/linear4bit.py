@@ -6,10 +6,18 @@ import torch
 from torch import nn
 
 from ..quant.codes import FLOAT_DTYPES
-from ..quant.functional import check_packed_size, check_quant_args, dequantize_4bit, quantize_4bit, use_kernel
+from ..quant.functional import (check_packed_size, check_quant_args, dequantize_4bit, dequantize_4bit_rows,
+                                quantize_4bit, row_chunk, use_kernel)
 from ..quant.state import QuantState, dtype_name
 
 COMPUTE_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradient checks
+# Backward through dequantize + matmul decodes a weight of more than DX_PIECE values in row pieces of
+# at most that many (32 MiB in 16 bits), adding each piece's product into dX, where the decoded
+# weight would be over PIECE_RATIO times dX's size: few rows (a 13B MLP's weight is 135 MiB against
+# 10 MiB of dX at 1,024 tokens) make the weight copy the backward's memory spike, on top of the
+# step's peak. With more rows dX dominates and the pieces' extra passes over it are not worth it.
+DX_PIECE = 2**24
+PIECE_RATIO = 4
 
 
 def _fused(t: torch.Tensor, state: QuantState, backward: bool):
@@ -56,10 +64,30 @@ class Matmul4bit(torch.autograd.Function):
                                       state.code, state.shape[1], state.blocksize, state.nested_tensors)
                 grad_x = dx.view(*grad_out.shape[:-1], state.shape[1])
             else:
-                grad_x = grad_out @ dequantize_4bit(packed, state, grad_out.dtype)
+                grad_x = _dx_in_pieces(grad_out, packed, state)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias
+
+
+def _dx_in_pieces(dy: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """dY @ deq(W), W decoded DX_PIECE values at a time on the kernel path when it dwarfs dX (each
+    piece's product added into dX by cuBLAS: one more rounding of dX per piece)."""
+    n, k = state.shape
+    small = state.numel <= PIECE_RATIO * (dy.numel() // n) * k
+    rows = n if small or not use_kernel(packed) else row_chunk(state, DX_PIECE)
+    if rows >= state.shape[0]:
+        return dy @ dequantize_4bit(packed, state, dy.dtype)
+    dy2 = dy.reshape(-1, n)
+    dx = torch.empty(dy2.shape[0], k, dtype=dy.dtype, device=dy.device)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        w = dequantize_4bit_rows(packed, state, dy.dtype, start, stop)
+        if start == 0:
+            torch.mm(dy2[:, start:stop], w, out=dx)
+        else:
+            dx.addmm_(dy2[:, start:stop], w)
+    return dx.view(*dy.shape[:-1], k)
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):

@@ -7,7 +7,9 @@ forces the reference for debugging.
 from __future__ import annotations
 
 import functools
+import math
 import os
+from dataclasses import replace
 
 import torch
 
@@ -119,6 +121,35 @@ def use_kernel(t: torch.Tensor) -> bool:
     QTUNE_BACKEND=triton the kernels (on the CPU under TRITON_INTERPRET=1, for tests)."""
     backend = os.environ.get("QTUNE_BACKEND", "").lower()
     return backend == "triton" or (t.is_cuda and backend != "torch")
+
+
+def row_chunk(state: QuantState, max_elements: int) -> int:
+    """Rows per piece for decoding a 2-D packed weight in pieces of at most about `max_elements`
+    values, each piece starting on an absmax block (and nested block) boundary; all rows when the
+    weight is that small or cannot be cut so."""
+    rows, cols = state.shape if len(state.shape) == 2 else (1, state.numel)
+    if rows * cols <= max_elements or cols % state.blocksize:
+        return rows
+    unit = 1  # rows per aligned step: a whole number of nested blocks of absmax blocks
+    if state.nested is not None:
+        blocks = cols // state.blocksize
+        unit = state.nested.blocksize // math.gcd(blocks, state.nested.blocksize)
+    pieces = -(-rows * cols // max_elements)
+    per = -(-rows // pieces)
+    return min(rows, -(-per // unit) * unit)
+
+
+def dequantize_4bit_rows(packed: torch.Tensor, state: QuantState, dtype: torch.dtype, start: int,
+                         stop: int) -> torch.Tensor:
+    """Rows start..stop of a 2-D packed weight decoded to `dtype` (start on a `row_chunk` boundary)."""
+    cols = state.shape[1]
+    b0, b1 = start * cols // state.blocksize, stop * cols // state.blocksize
+    nested = state.nested
+    if nested is not None:
+        n0 = b0 // nested.blocksize
+        nested = replace(nested, absmax=nested.absmax[n0: -(-b1 // nested.blocksize)])
+    part = replace(state, absmax=state.absmax[b0:b1], shape=torch.Size((stop - start, cols)), nested=nested)
+    return dequantize_4bit(packed.view(torch.uint8).reshape(-1)[start * cols // 2: stop * cols // 2], part, dtype)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:

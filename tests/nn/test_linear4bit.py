@@ -193,3 +193,46 @@ def test_quantize_in_place():
     w = layer.weight.detach().clone()
     layer.quantize_()
     assert layer.weight.dtype == torch.uint8 and 0.085 < rel_err(layer.dequantize(), w) < 0.095
+
+
+@pytest.mark.parametrize("shape,blocksize,nested,piece", [
+    ((64, 1024), 64, True, 16384),  # 16 blocks a row: pieces of 16 rows keep nested blocks whole
+    ((37, 96), 32, False, 1000),    # uneven last piece
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_grad_in_row_pieces_matches_whole_weight(monkeypatch, shape, blocksize, nested, piece, dtype):
+    from qtune.nn import linear4bit
+    from qtune.quant.functional import dequantize_4bit_rows, row_chunk
+
+    monkeypatch.setenv("QTUNE_BACKEND", "triton")  # the kernel path, in the interpreter on the CPU
+    monkeypatch.setattr(linear4bit, "DX_PIECE", piece)
+    torch.manual_seed(shape[0])
+    packed, state = quantize_4bit(torch.randn(shape), blocksize=blocksize, double_quant=nested)
+    rows = row_chunk(state, piece)
+    assert 1 < -(-shape[0] // rows) <= 4 and rows * shape[1] <= 2 * piece
+    whole = dequantize_4bit(packed, state, dtype)
+    for start in range(0, shape[0], rows):  # each piece decodes exactly the rows of the whole
+        assert torch.equal(dequantize_4bit_rows(packed, state, dtype, start, min(shape[0], start + rows)),
+                           whole[start:start + rows])
+    dy = torch.randn(1, 2, shape[0]).to(dtype)  # few rows: the decoded weight dwarfs dX
+    pieces = []
+    monkeypatch.setattr(linear4bit, "dequantize_4bit_rows", lambda *a: pieces.append(a[3]) or dequantize_4bit_rows(*a))
+    dx = linear4bit._dx_in_pieces(dy, packed, state)
+    assert pieces == list(range(0, shape[0], rows))
+    want = (dy.float() @ whole.float()).to(dtype)
+    assert dx.shape == (1, 2, shape[1]) and dx.dtype == dtype
+    assert rel_err(dx, want) < {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype], rel_err(dx, want)
+
+
+def test_row_pieces_of_13b_weights_start_on_nested_blocks():
+    from qtune.nn.linear4bit import DX_PIECE
+    from qtune.quant.functional import row_chunk
+    from qtune.quant.state import NestedState, QuantState
+
+    for rows, cols in [(13824, 5120), (5120, 13824), (28672, 8192), (5120, 5120)]:
+        state = QuantState(absmax=torch.empty(0), shape=torch.Size((rows, cols)), dtype=torch.bfloat16, blocksize=64,
+                           quant_type="nf4", code=torch.empty(16),
+                           nested=NestedState(absmax=torch.empty(0), code=torch.empty(256), offset=torch.empty(())))
+        r = row_chunk(state, DX_PIECE)
+        assert (r * cols // 64) % 256 == 0 and r * cols <= 1.1 * DX_PIECE or r == rows, (rows, cols, r)
+        assert r == rows if rows * cols <= DX_PIECE else r < rows
