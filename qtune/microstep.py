@@ -12,6 +12,8 @@ in place afterwards (`set_to_none` False), so that replays accumulate into them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .hf.training import unpacked_search_off
@@ -19,6 +21,18 @@ from .loss import causal_lm_loss
 from .model import autocast
 
 WARMUP = 2  # eager micro-batches before capture: kernels compiled, workspaces and gradients allocated
+
+
+def attention_for(batch: dict, device: torch.device):
+    """Batches without an attention mask (whole causal rows) may use cuDNN's attention, which
+    qtune.train otherwise turns off (it builds a plan per mask shape): at one fixed shape it is the
+    fastest kernel on Hopper (a 13B-shaped step at 4,096 tokens: 96.8 ms with it, 123.3 without)."""
+    if device.type != "cuda" or "attention_mask" in batch:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH], set_priority=True)
 
 
 class MicroSteps:
@@ -47,9 +61,10 @@ class MicroSteps:
         """The micro-step itself (also what a graph records)."""
         if self.seed is not None:
             self.seed.add_(self.seed_stride)  # a new dropout mask per micro-batch
-        with autocast(self.device, self.autocast_dtype):
-            loss = causal_lm_loss(self.model, batch, static=self.graphs)
-        self.scaler.scale(loss / self.grad_accum).backward()
+        with attention_for(batch, self.device):  # forward and backward, recomputation included
+            with autocast(self.device, self.autocast_dtype):
+                loss = causal_lm_loss(self.model, batch, static=self.graphs)
+            self.scaler.scale(loss / self.grad_accum).backward()
         return loss.detach()
 
     def __call__(self, batch: dict) -> torch.Tensor:

@@ -208,8 +208,9 @@ def random_batches(n: int, seq: int, vocab: int, seed: int, device) -> list[dict
 
 
 def attention_backends(stack: str, args) -> None:
-    """A and B with torch's default attention backends; C as qtune.train sets them (no cuDNN)."""
-    torch.backends.cuda.enable_cudnn_sdp(stack != "C" or args.c_cudnn)
+    """A and B with torch's default attention backends; C as qtune.train sets them (cuDNN's off but for
+    batches without a mask, as C's are: qtune.microstep.attention_for)."""
+    torch.backends.cuda.enable_cudnn_sdp(stack != "C")
 
 
 def train(stack: str, path: str, args, seq: int, device, batches: list[dict], warmup: int, steps: int) -> dict:
@@ -392,7 +393,6 @@ def main() -> None:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--c-eager", action="store_true", help="stack C without CUDA graphs (train.cuda_graphs=false)")
-    ap.add_argument("--c-cudnn", action="store_true", help="stack C with cuDNN attention allowed (qtune.train turns it off)")
     ap.add_argument("--c-unfuse", nargs="+", default=[], choices=["rope", "swiglu"],
                     help="stack C with transformers' rotary embedding / MLP activation, not qtune's kernels")
     ap.add_argument("--quality-steps", type=int, default=0,

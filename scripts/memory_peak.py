@@ -46,9 +46,25 @@ def main() -> None:
         return update(*args, **kw)
 
     loop.apply_update = marked_update
+    from qtune import microstep
+
+    calls, phases = microstep.MicroSteps.__call__, []
+
+    def traced_call(self, batch):  # the peak so far after each micro-step, and whether it was eager
+        torch.cuda.reset_peak_memory_stats()
+        before = self.graph
+        out = calls(self, batch)
+        torch.cuda.synchronize()
+        phases.append(("eager" if self.graph is None else "replay" if before is not None else "capture + replay",
+                       torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30))
+        return out
+
+    microstep.MicroSteps.__call__ = traced_call
     loop.train(cfg, OmegaConf.to_container(cfg, resolve=True))
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
+    for i, (kind, now, top) in enumerate(phases):
+        print(f"micro-step {i + 1} ({kind}): peak within it {top:.3f} GiB, allocated after it {now:.3f} GiB")
     trace = snap["device_traces"][torch.cuda.current_device()]
     live, total, peak, peak_at, peak_live = {}, 0, 0, -1, {}
     for i, e in enumerate(trace):
@@ -69,7 +85,7 @@ def main() -> None:
     peak_live = live
     steps_before = sum(1 for s in optimizer_steps if s <= peak_at)
     print(f"\ntrace: {len(trace)} events; peak {peak / 2**30:.3f} GiB at event {peak_at} (after {steps_before} "
-          f"optimizer steps); torch.cuda.max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB")
+          f"optimizer steps)")
     groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for e in peak_live.values():
         g = groups[where(e.get("frames", []))]
