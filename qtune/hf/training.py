@@ -9,6 +9,7 @@ import types
 import torch
 from torch import nn
 
+from ..nn.dropout import HashDropout
 from ..nn.rmsnorm import rms_norm
 from ..nn.rope import apply_rotary_pos_emb
 from ..nn.swiglu import silu_mul
@@ -116,7 +117,11 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     lora_a, lora_b = self.lora_A[a], self.lora_B[a]
     if getattr(self, "cast_input_dtype_enabled", True):
         x = x.to(lora_a.weight.dtype)
-    h = lora_a(self.lora_dropout[a](x))
+    drop = self.lora_dropout[a]
+    if isinstance(drop, HashDropout) and lora_a.bias is None:  # the dropped x is not kept for backward
+        h = drop.linear(x, lora_a.weight)
+    else:
+        h = lora_a(drop(x))
     b = lora_b.weight * self.scaling[a]  # (out, r): cheap
     if not (torch.is_autocast_enabled(result.device.type) or result.dtype == h.dtype == b.dtype):
         return (result + nn.functional.linear(h, b)).to(result.dtype)  # as peft sums and casts

@@ -11,12 +11,13 @@ from ..quant.functional import (check_packed_size, check_quant_args, dequantize_
 from ..quant.state import QuantState, dtype_name
 
 COMPUTE_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradient checks
-# Backward through dequantize + matmul decodes a weight of more than DX_PIECE values in row pieces of
-# at most that many (32 MiB in 16 bits), adding each piece's product into dX, where the decoded
-# weight would be over PIECE_RATIO times dX's size: few rows (a 13B MLP's weight is 135 MiB against
-# 10 MiB of dX at 1,024 tokens) make the weight copy the backward's memory spike, on top of the
-# step's peak. With more rows dX dominates and the pieces' extra passes over it are not worth it.
-DX_PIECE = 2**24
+# Dequantize + matmul decodes a weight of more than PIECE values in row pieces of at most that many
+# (32 MiB in 16 bits) where the decoded weight would be over PIECE_RATIO times the product's other
+# large operand (Y forward, dX backward): with few rows (a 13B MLP's weight is 135 MiB against 10-27
+# MiB of activations at 1,024 tokens) the weight copy is the memory spike on top of the step's peak,
+# in recomputation and backward. With many rows the activations dominate, and pieces are not worth
+# their extra passes (dX is accumulated over them).
+PIECE = 2**24
 PIECE_RATIO = 4
 
 
@@ -50,7 +51,7 @@ class Matmul4bit(torch.autograd.Function):
             y = kernels.forward(x.reshape(-1, x.shape[-1]).contiguous(), packed, state.absmax, state.code,
                                 state.shape[0], state.blocksize, state.nested_tensors, bias)
             return y.view(*x.shape[:-1], state.shape[0])
-        return nn.functional.linear(x, dequantize_4bit(packed, state, x.dtype), bias)
+        return _y_in_pieces(x, packed, state, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -70,13 +71,38 @@ class Matmul4bit(torch.autograd.Function):
         return grad_x, None, None, grad_bias
 
 
-def _dx_in_pieces(dy: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """dY @ deq(W), W decoded DX_PIECE values at a time on the kernel path when it dwarfs dX (each
-    piece's product added into dX by cuBLAS: one more rounding of dX per piece)."""
+def _piece_rows(packed: torch.Tensor, state: QuantState, other: int) -> int:
+    """Rows of W per decoded piece: all of them unless, on the kernel path, the decoded weight would be
+    over PIECE_RATIO times `other` elements (the product's other large operand)."""
+    if not use_kernel(packed) or state.numel <= PIECE_RATIO * other:
+        return state.shape[0]
+    return row_chunk(state, PIECE)
+
+
+def _y_in_pieces(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None) -> torch.Tensor:
+    """X @ deq(W)^T (+ b), each piece of W's rows writing its own columns of Y."""
     n, k = state.shape
-    small = state.numel <= PIECE_RATIO * (dy.numel() // n) * k
-    rows = n if small or not use_kernel(packed) else row_chunk(state, DX_PIECE)
-    if rows >= state.shape[0]:
+    rows = _piece_rows(packed, state, x.numel() // k * n)
+    if rows >= n:
+        return nn.functional.linear(x, dequantize_4bit(packed, state, x.dtype), bias)
+    x2 = x.reshape(-1, k)
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        w = dequantize_4bit_rows(packed, state, x.dtype, start, stop).t()
+        if bias is None:
+            torch.mm(x2, w, out=y[:, start:stop])
+        else:
+            torch.addmm(bias[start:stop], x2, w, out=y[:, start:stop])
+    return y.view(*x.shape[:-1], n)
+
+
+def _dx_in_pieces(dy: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """dY @ deq(W), each piece of W's rows adding its product into dX (one more rounding of dX per
+    piece)."""
+    n, k = state.shape
+    rows = _piece_rows(packed, state, dy.numel() // n * k)
+    if rows >= n:
         return dy @ dequantize_4bit(packed, state, dy.dtype)
     dy2 = dy.reshape(-1, n)
     dx = torch.empty(dy2.shape[0], k, dtype=dy.dtype, device=dy.device)

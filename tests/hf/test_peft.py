@@ -122,27 +122,32 @@ def test_adapter_inputs_kept_under_autocast(tiny_dir):
     assert loss_kept == loss_cast and rel_err(g_kept, g_cast) < 1e-6
 
 
-def _trained_pair(tiny_dir):
-    """Two identical LoRA models on qtune's 4-bit layers, B non-zero; the second fused."""
+def _trained_pair(tiny_dir, dropout: float = 0.0):
+    """Two identical LoRA models on qtune's 4-bit layers, B non-zero; the second fused. With
+    `dropout`, both use hashed dropout (the same masks)."""
     from qtune.hf.training import fuse_lora_output
+    from qtune.nn.dropout import use_hash_dropout
 
     models, path = [], tiny_dir("llama")  # built (drawing random numbers) before the seed is set
     for _ in range(2):
         torch.manual_seed(0)
         m = get_peft_model(qtune.prepare_for_training(load(path)),  # alpha/r = 3: the scaling is not exact
-                           LoraConfig(r=8, lora_alpha=24, lora_dropout=0.0, target_modules="all-linear"))
+                           LoraConfig(r=8, lora_alpha=24, lora_dropout=dropout, target_modules="all-linear"))
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.05)
+        if dropout:
+            use_hash_dropout(m).fill_(3)
         models.append(m)
     assert fuse_lora_output(models[1]) == 14
     return models
 
 
-def test_fused_lora_output_matches_peft(tiny_dir):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])  # with dropout: A's product without a kept dropped copy
+def test_fused_lora_output_matches_peft(tiny_dir, dropout):
     """base(x) + A(x) @ (s B)^T in one addmm: same outputs and adapter gradients as peft's forward,
     and peft's own path where the fused one does not apply (adapters disabled)."""
-    ref, fused = _trained_pair(tiny_dir)
+    ref, fused = _trained_pair(tiny_dir, dropout)
     x = batch()
     grads = []
     for m in (ref, fused):

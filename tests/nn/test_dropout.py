@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import rel_err
 from torch.utils.checkpoint import checkpoint
 
 from qtune.nn.dropout import HashDropout, HashDropoutFn, keep_mask, reference, use_hash_dropout
@@ -50,6 +51,28 @@ def test_gradient_uses_the_forward_mask_even_after_the_seed_moves(backend, monke
     assert torch.equal(y, torch.where(keep, x * (1 / 0.75), 0.0))
     assert torch.allclose(x.grad, torch.where(keep, g / 0.75, 0.0))
     assert 0.6 < float(keep.float().mean()) < 0.9
+
+
+@pytest.mark.parametrize("backend", ["", "triton"])
+def test_dropped_linear_matches_dropout_then_linear_and_keeps_x_only(backend, monkeypatch):
+    from qtune.nn.dropout import DroppedLinearFn
+
+    monkeypatch.setenv("QTUNE_BACKEND", backend)
+    torch.manual_seed(1)
+    x = torch.randn(2, 24, 32, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, 32, device=DEVICE, requires_grad=True)
+    seed, dh = torch.tensor([4], device=DEVICE), torch.randn(2, 24, 8, device=DEVICE)
+    want = torch.nn.functional.linear(HashDropoutFn.apply(x, seed, 3, 0.3), w)
+    want_g = torch.autograd.grad(want, (x, w), dh)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = DroppedLinearFn.apply(x, w, seed, 3, 0.3)
+    seed += 1  # the next micro-batch's seed: this backward still draws the forward's mask
+    got_g = torch.autograd.grad(got, (x, w), dh)
+    for g, r in zip((got, *got_g), (want, *want_g)):
+        assert rel_err(g, r) < 1e-6
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()  # x itself, no dropped copy
 
 
 def test_checkpoint_recomputes_the_same_mask_without_rng_state():

@@ -200,12 +200,12 @@ def test_quantize_in_place():
     ((37, 96), 32, False, 1000),    # uneven last piece
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_input_grad_in_row_pieces_matches_whole_weight(monkeypatch, shape, blocksize, nested, piece, dtype):
+def test_products_in_row_pieces_match_whole_weight(monkeypatch, shape, blocksize, nested, piece, dtype):
     from qtune.nn import linear4bit
     from qtune.quant.functional import dequantize_4bit_rows, row_chunk
 
     monkeypatch.setenv("QTUNE_BACKEND", "triton")  # the kernel path, in the interpreter on the CPU
-    monkeypatch.setattr(linear4bit, "DX_PIECE", piece)
+    monkeypatch.setattr(linear4bit, "PIECE", piece)
     torch.manual_seed(shape[0])
     packed, state = quantize_4bit(torch.randn(shape), blocksize=blocksize, double_quant=nested)
     rows = row_chunk(state, piece)
@@ -222,10 +222,17 @@ def test_input_grad_in_row_pieces_matches_whole_weight(monkeypatch, shape, block
     want = (dy.float() @ whole.float()).to(dtype)
     assert dx.shape == (1, 2, shape[1]) and dx.dtype == dtype
     assert rel_err(dx, want) < {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype], rel_err(dx, want)
+    x = torch.randn(1, 2, shape[1]).to(dtype)  # forward: each piece writes its columns of Y, bias added
+    bias = torch.randn(shape[0]).to(dtype)
+    pieces.clear()
+    y = linear4bit._y_in_pieces(x, packed, state, bias)
+    assert pieces == list(range(0, shape[0], rows)) and y.shape == (1, 2, shape[0])
+    want = (x.float() @ whole.float().t() + bias.float()).to(dtype)
+    assert rel_err(y, want) < {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype], rel_err(y, want)
 
 
 def test_row_pieces_of_13b_weights_start_on_nested_blocks():
-    from qtune.nn.linear4bit import DX_PIECE
+    from qtune.nn.linear4bit import PIECE
     from qtune.quant.functional import row_chunk
     from qtune.quant.state import NestedState, QuantState
 
@@ -233,6 +240,6 @@ def test_row_pieces_of_13b_weights_start_on_nested_blocks():
         state = QuantState(absmax=torch.empty(0), shape=torch.Size((rows, cols)), dtype=torch.bfloat16, blocksize=64,
                            quant_type="nf4", code=torch.empty(16),
                            nested=NestedState(absmax=torch.empty(0), code=torch.empty(256), offset=torch.empty(())))
-        r = row_chunk(state, DX_PIECE)
-        assert (r * cols // 64) % 256 == 0 and r * cols <= 1.1 * DX_PIECE or r == rows, (rows, cols, r)
-        assert r == rows if rows * cols <= DX_PIECE else r < rows
+        r = row_chunk(state, PIECE)
+        assert (r * cols // 64) % 256 == 0 and r * cols <= 1.1 * PIECE or r == rows, (rows, cols, r)
+        assert r == rows if rows * cols <= PIECE else r < rows
