@@ -21,7 +21,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     build: Optional[str] = None  # "tiny-llama": build a tiny random model + tokenizer at `name` first
     attn_implementation: Optional[str] = None
-    host_embeddings: bool = False  # on a GPU: the frozen input embeddings stay in pinned host memory
+    host_embeddings: bool = False  # on a GPU: frozen input embeddings and output layer stay in pinned host memory
 
 
 @dataclass

@@ -97,6 +97,21 @@ class _ChunkedHeadCE(torch.autograd.Function):
         need_h = ctx.needs_input_grad[0]
         ctx.need_p = ctx.needs_input_grad[4:]
         need_p = [p for p, need in zip(params, ctx.need_p) if need]
+        whole = getattr(head, "cross_entropy_sum", None)  # a head held in host memory (qtune.nn.embedding)
+        if whole is not None and not need_p:  # one pass over its table for all rows: no token chunks
+            total, grad_h = whole(hidden, targets, need_h, IGNORE_INDEX)
+            grad_p = []
+            if need_h:
+                grad_h.mul_(_ChunkedHeadCE.GRAD_SCALE)
+        else:
+            total, grad_h, grad_p = _ChunkedHeadCE._chunks(hidden, targets, head, chunk, need_h, need_p)
+        ctx.h_dtype, ctx.p_dtypes = hidden.dtype, [p.dtype for p in need_p]
+        ctx.save_for_backward(*([grad_h] if need_h else []), *grad_p)
+        return total
+
+    @staticmethod
+    def _chunks(hidden, targets, head, chunk, need_h, need_p):
+        """(loss sum, scaled fp32 gradients for hidden and need_p) token chunk by token chunk."""
         grad_h = hidden.new_empty(hidden.shape, dtype=torch.float32) if need_h else None
         grad_p = [torch.zeros_like(p, dtype=torch.float32) for p in need_p]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -116,9 +131,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
             for acc, g in zip(grad_p, grads[int(need_h):]):
                 acc += g
             total += loss.detach()
-        ctx.h_dtype, ctx.p_dtypes = hidden.dtype, [p.dtype for p in need_p]
-        ctx.save_for_backward(*([grad_h] if need_h else []), *grad_p)
-        return total
+        return total, grad_h, grad_p
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -73,9 +73,12 @@ def load_model(cfg, device: torch.device):
                                               trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.model.host_embeddings and device.type == "cuda" and not embeddings_to_host(model):
-        print("model.host_embeddings: the input embeddings stay on the GPU (tied to the output layer, or not "
-              "an nn.Embedding)", flush=True)
+    if cfg.model.host_embeddings and device.type == "cuda":
+        trained = {*cfg.lora.target_modules, *(cfg.lora.modules_to_save or [])}
+        moved = embeddings_to_host(model, head="lm_head" not in trained)
+        if len(moved) < 2:
+            print(f"model.host_embeddings: moved to host memory: {', '.join(moved) or 'nothing'} (tied, trained "
+                  "or not plain embedding/linear tables stay on the GPU)", flush=True)
     # LoRA's dropout is hashed (qtune.nn.dropout): where the base model draws no random numbers,
     # checkpointing keeps no generator state, which lets the loop capture its step as a CUDA graph
     rng_free = not draws_random(model)

@@ -39,17 +39,23 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True, 
     return model
 
 
-def embeddings_to_host(model: nn.Module) -> bool:
-    """Move a frozen, untied input embedding table to pinned host memory (qtune.nn.embedding): the
-    GPU then holds no copy of it. Call before `prepare_for_training`. Returns whether it moved (not
-    for a tied table, which the output layer also uses, nor one that is not an nn.Embedding)."""
-    from ..nn.embedding import HostEmbedding
+def embeddings_to_host(model: nn.Module, head: bool = True) -> list[str]:
+    """Move frozen, untied embedding tables to pinned host memory (qtune.nn.embedding): the input
+    embedding and, with `head`, a bias-free output layer; the GPU then holds no copy of them. Call
+    before `prepare_for_training`, and only for a head that will not be trained. Returns what moved
+    ("input", "output"): not a tied table, nor a module of another kind."""
+    from ..nn.embedding import HostEmbedding, HostHead
 
     emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if type(emb) is not nn.Embedding or (out is not None and getattr(out, "weight", None) is emb.weight):
-        return False
-    model.set_input_embeddings(HostEmbedding.from_embedding(emb))
-    return True
+    tied = out is not None and getattr(out, "weight", None) is getattr(emb, "weight", None)
+    moved = []
+    if type(emb) is nn.Embedding and not tied:
+        model.set_input_embeddings(HostEmbedding.from_embedding(emb))
+        moved.append("input")
+    if head and type(out) is nn.Linear and out.bias is None and not tied:
+        model.set_output_embeddings(HostHead.from_linear(out))
+        moved.append("output")
+    return moved
 
 
 def keep_adapter_inputs(model: nn.Module) -> int:
