@@ -26,7 +26,8 @@ MAX_BLOCKSIZE = 256
 # Rows of X (dY) up to which the fused kernel beats dequantize + cuBLAS, from scripts/bench_kernels.py
 # --sweep on an H100 (13824x5120, bf16): forward with split-K 68/69/77/93 us at M=1/16/32/64 vs
 # 138 us; slower from M=128 (153 vs 139); the input-gradient kernel is slower at every M (283 vs
-# 140 us at M=1), so it is not dispatched.
+# 140 us at M=1), so it is not dispatched. A later sweep with the byte-pair lookup (kind 2): 59/60/74
+# us at M=1/16/64 against 126-136 us for dequantize + cuBLAS.
 FWD_MAX_M = 64
 BWD_MAX_M = 0
 # The CUDA-core GEMV for a single row (54 us vs the tiled kernel's 68 at M=1; slower from M=2).
@@ -287,14 +288,14 @@ def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind (_lookup), SPLIT_K) by the number of
     rows (scripts/bench_kernels.py --sweep); float32 tiles stay small enough for sm_75's 64 KiB of
     shared memory."""
-    if M <= 16:
-        return 16, 64, 4, 3, 0, 8 if M <= 8 else 4
+    if M <= 16:  # byte-pair lookups (kind 2): 60.3 us at M=16 against 69.9 with registers (kind 0)
+        return 16, 64, 4, 3, 2 if dtype != torch.float32 else 0, 4
     if dtype == torch.float32:
         return (32 if M <= 32 else 64), 64, 4, 3, 0, 2 if M <= 64 else 1
     if M <= 32:
         return 32, 128, 4, 4, 0, 2
-    if M <= 64:
-        return 64, 128, 4, 3, 0, 2
+    if M <= 64:  # kind 2: 74.3 us against 93 with kind 0
+        return 64, 128, 4, 3, 2, 2
     return 128, 128, 8, 3, 0, 1
 
 
