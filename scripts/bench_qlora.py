@@ -96,10 +96,11 @@ def autocast_dtype(args, device):
     return getattr(torch, args.dtype) if device.type == "cuda" else None
 
 
-def hf_step(model, optimizer, args, device):
-    """A plain PyTorch training step over an HF/peft model (stacks A and B)."""
+def hf_step(model, optimizer, args, device, autocast: bool = True):
+    """A plain PyTorch training step over an HF/peft model (stacks A and B); `autocast`: under
+    torch.autocast in the compute dtype."""
     params = [p for p in model.parameters() if p.requires_grad]
-    dtype = autocast_dtype(args, device)
+    dtype = autocast_dtype(args, device) if autocast else None
 
     def step(batch) -> float:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -129,8 +130,8 @@ def stack_a(path, args, seq, device):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.AdamW8bit(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    return model, hf_step(model, opt, args, device), {"optimizer": "bitsandbytes.optim.AdamW8bit",
-                                                      "bitsandbytes": bnb.__version__}
+    return model, hf_step(model, opt, args, device, autocast=not args.a_plain), {
+        "optimizer": "bitsandbytes.optim.AdamW8bit", "bitsandbytes": bnb.__version__, "autocast": not args.a_plain}
 
 
 def stack_b(path, args, seq, device):
@@ -392,6 +393,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--a-plain", action="store_true",
+                    help="stack A without torch.autocast: the 4-bit layers compute in bf16, the rest (fp32 after "
+                         "prepare_model_for_kbit_training) in fp32, as the issue describes it")
     ap.add_argument("--c-eager", action="store_true", help="stack C without CUDA graphs (train.cuda_graphs=false)")
     ap.add_argument("--c-unfuse", nargs="+", default=[], choices=["rope", "swiglu"],
                     help="stack C with transformers' rotary embedding / MLP activation, not qtune's kernels")
