@@ -31,6 +31,18 @@ def where(frames: list[dict]) -> str:
     return f"{frames[0]['filename'].split('/')[-1]}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
 
 
+def _replay(trace: list[dict]):
+    """(allocated bytes, the live allocations by address) after each event of an allocator trace."""
+    live, total = {}, 0
+    for e in trace:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+        elif e["action"] == "free_requested" and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+        yield total, live
+
+
 def main() -> None:
     from omegaconf import OmegaConf
 
@@ -66,23 +78,8 @@ def main() -> None:
     for i, (kind, now, top) in enumerate(phases):
         print(f"micro-step {i + 1} ({kind}): peak within it {top:.3f} GiB, allocated after it {now:.3f} GiB")
     trace = snap["device_traces"][torch.cuda.current_device()]
-    live, total, peak, peak_at, peak_live = {}, 0, 0, -1, {}
-    for i, e in enumerate(trace):
-        if e["action"] == "alloc":
-            live[e["addr"]] = e
-            total += e["size"]
-            if total > peak:
-                peak, peak_at = total, i
-                peak_live = None  # taken lazily below
-        elif e["action"] in ("free_requested",) and e["addr"] in live:
-            total -= live.pop(e["addr"])["size"]
-    live, total = {}, 0  # replay again up to the peak to list what is alive there
-    for e in trace[:peak_at + 1]:
-        if e["action"] == "alloc":
-            live[e["addr"]] = e
-        elif e["action"] == "free_requested" and e["addr"] in live:
-            live.pop(e["addr"])
-    peak_live = live
+    peak, peak_at = max((total, i) for i, (total, _) in enumerate(_replay(trace)))
+    peak_live = list(_replay(trace[:peak_at + 1]))[-1][1] if peak_at >= 0 else {}
     steps_before = sum(1 for s in optimizer_steps if s <= peak_at)
     print(f"\ntrace: {len(trace)} events; peak {peak / 2**30:.3f} GiB at event {peak_at} (after {steps_before} "
           f"optimizer steps)")
