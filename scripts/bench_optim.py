@@ -86,22 +86,24 @@ def competitors(sweep: bool):
 
     default_launch, default_shared = dict(adam8bit.LAUNCH), adam8bit.LUT_SHARED
 
-    def qtune_with(launch, shared):
+    def qtune_with(launch, shared, paged=False):
         def build(ps):  # every dtype's launch shape set to `launch` (None: the defaults)
             adam8bit.LAUNCH = {dt: launch or default_launch[dt] for dt in default_launch}
             adam8bit.LUT_SHARED = shared
-            return qtune.optim.AdamW8bit(ps, lr=1e-4)
+            return qtune.optim.AdamW8bit(ps, lr=1e-4, paged=paged)
         return build
 
     shapes = [((nb, w), sh) for sh in (True, False) for nb, w in ((2, 2), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8))]
     for launch, shared in (shapes if sweep else []):
         yield f"qtune nb={launch[0]} w={launch[1]} {'smem' if shared else 'L1'}", qtune_with(launch, shared)
     yield "qtune AdamW8bit", qtune_with(None, default_shared)
+    yield "qtune AdamW8bit paged", qtune_with(None, default_shared, paged=True)  # states in host memory
     yield "torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
     try:
         import bitsandbytes as bnb
 
         yield "bitsandbytes AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4)
+        yield "bitsandbytes PagedAdamW8bit", lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=1e-4)
     except ImportError as e:
         print(f"bitsandbytes not measured: {e}")
     try:
