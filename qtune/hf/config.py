@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..quant.codes import FLOAT_DTYPES
 from ..quant.functional import STORAGE_DTYPES, check_quant_args
 from ..quant.state import dtype_name
 
@@ -90,7 +91,7 @@ class QuantConfig(QuantizationConfigMixin):
         self.load_in_4bit, self.load_in_8bit = bool(o["load_in_4bit"]), bool(o["load_in_8bit"])
         self.quant_type, self.blocksize, self.double_quant = o["quant_type"], o["blocksize"], bool(o["double_quant"])
         self.compute_dtype = None if o["compute_dtype"] is None else parse_dtype(
-            o["compute_dtype"], "compute_dtype", (torch.float32, torch.float16, torch.bfloat16))
+            o["compute_dtype"], "compute_dtype", FLOAT_DTYPES)
         self.quant_storage = parse_dtype(o["quant_storage"], "quant_storage", STORAGE_DTYPES)
         skip = o["skip_modules"]
         if isinstance(skip, str):

@@ -135,6 +135,16 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return out.view(result.shape)
 
 
+def _swap_forwards(model: nn.Module, classes: tuple[str, ...], fits, make_forward) -> int:
+    """Give every module of a class named in `classes` for which `fits(module)` holds the forward
+    `make_forward(module)` (an instance attribute: `del module.forward` restores the class's).
+    Returns how many changed."""
+    layers = [m for m in model.modules() if type(m).__name__ in classes and fits(m)]
+    for m in layers:
+        m.forward = types.MethodType(make_forward(m), m)
+    return len(layers)
+
+
 # transformers norm classes whose forward is LlamaRMSNorm's (weight * normalized.to(input dtype))
 RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
@@ -142,11 +152,8 @@ RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNo
 def fuse_rmsnorm(model: nn.Module) -> int:
     """Route Llama-family RMSNorm layers through qtune.nn.rmsnorm (one kernel each way on GPUs, the
     weight frozen; a trainable weight keeps transformers' forward). Returns the layers changed."""
-    layers = [m for m in model.modules() if type(m).__name__ in RMSNORM_CLASSES
-              and isinstance(getattr(m, "weight", None), torch.Tensor) and hasattr(m, "variance_epsilon")]
-    for m in layers:
-        m.forward = types.MethodType(_rmsnorm_forward, m)
-    return len(layers)
+    return _swap_forwards(model, RMSNORM_CLASSES, lambda m: isinstance(getattr(m, "weight", None), torch.Tensor)
+                          and hasattr(m, "variance_epsilon"), lambda m: _rmsnorm_forward)
 
 
 def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -160,12 +167,12 @@ MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 def fuse_swiglu(model: nn.Module) -> int:
     """Route the SiLU-gated product of Llama-family MLPs through qtune.nn.swiglu (one kernel each way
     on GPUs). Returns the layers changed."""
-    silu = lambda act: isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"  # noqa: E731
-    layers = [m for m in model.modules() if type(m).__name__ in MLP_CLASSES and silu(getattr(m, "act_fn", None))
-              and all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj"))]
-    for m in layers:
-        m.forward = types.MethodType(_swiglu_forward, m)
-    return len(layers)
+    def silu_mlp(m: nn.Module) -> bool:
+        act = getattr(m, "act_fn", None)
+        return ((isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")
+                and all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")))
+
+    return _swap_forwards(model, MLP_CLASSES, silu_mlp, lambda m: _swiglu_forward)
 
 
 def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,11 +187,9 @@ def fuse_rope(model: nn.Module) -> int:
     per tensor each way on GPUs). transformers calls a module-level `apply_rotary_pos_emb` from each
     attention forward; it is swapped for the duration of these layers' forwards only (recomputation
     included), so other models in the process are untouched. Returns the layers changed."""
-    layers = [m for m in model.modules() if type(m).__name__ in ROPE_ATTENTION_CLASSES
-              and hasattr(sys.modules[type(m).__module__], "apply_rotary_pos_emb")]
-    for m in layers:
-        m.forward = types.MethodType(_with_fused_rope(type(m).forward, sys.modules[type(m).__module__]), m)
-    return len(layers)
+    module = lambda m: sys.modules[type(m).__module__]  # noqa: E731 - where transformers defines the class
+    return _swap_forwards(model, ROPE_ATTENTION_CLASSES, lambda m: hasattr(module(m), "apply_rotary_pos_emb"),
+                          lambda m: _with_fused_rope(type(m).forward, module(m)))
 
 
 def _with_fused_rope(forward, module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..quant.codes import FLOAT_DTYPES
 from ..quant.functional import use_kernel
 
 _M32 = 0xFFFFFFFF
@@ -43,7 +44,7 @@ def reference(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch
 def hash_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float,
                  seed_out: torch.Tensor | None = None) -> torch.Tensor:
     """dropout(x) by the hashed mask; `seed_out`, if given, receives the seed's value as used."""
-    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and use_kernel(x):
+    if x.dtype in FLOAT_DTYPES and use_kernel(x):
         from ..kernels import dropout
 
         return dropout.dropout(x, seed, salt, p, seed_out).view(x.shape)

@@ -27,6 +27,11 @@ def _gather(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids.to("cpu"), weight).to(ids.device)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul with x runs in: autocast's on a GPU under autocast, else x's."""
+    return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+
+
 class HostEmbedding(nn.Module):
     """nn.Embedding's forward over a frozen table held on the host (pinned when CUDA is there).
     The table is a buffer, not a parameter, so `model.device` stays the GPU's."""
@@ -76,7 +81,7 @@ class HostHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not use_kernel(x):
             return F.linear(x, self.weight.to(x.device, x.dtype))
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        dtype = _compute_dtype(x)
         x = x.to(dtype)
         out = torch.empty(*x.shape[:-1], self.out_features, dtype=dtype, device=x.device)
         for v0, w in self._pieces(x.device, dtype):
@@ -87,8 +92,7 @@ class HostHead(nn.Module):
                           ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sum over rows of CE(hidden @ W^T, targets) in float32, its float32 gradient for hidden or
         None); rows whose target is ignore_index add nothing. hidden (T, D), targets (T,)."""
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") and hidden.is_cuda \
-            else hidden.dtype
+        dtype = _compute_dtype(hidden)
         h = hidden.to(dtype)
         T = h.shape[0]
         m = torch.full((T,), float("-inf"), dtype=torch.float32, device=h.device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..quant.codes import FLOAT_DTYPES
 from ..quant.functional import use_kernel
 
 
@@ -38,7 +39,7 @@ class RMSNormFn(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The kernel for CUDA (or QTUNE_BACKEND=triton) float tensors of one dtype with a frozen weight,
     else the reference."""
-    if (use_kernel(x) and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if (use_kernel(x) and x.dtype == weight.dtype and x.dtype in FLOAT_DTYPES
             and not weight.requires_grad and x.shape[-1] <= 65536):
         return RMSNormFn.apply(x, weight, eps)
     return reference(x, weight, eps)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..quant.codes import FLOAT_DTYPES
 from ..quant.functional import use_kernel
 
 
@@ -43,7 +44,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim: int =
     QTUNE_BACKEND=triton) float tensors of one dtype with an even D, else the reference."""
     if (unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and q.shape[-1] % 2 == 0
             and use_kernel(q) and q.dtype == k.dtype == cos.dtype == sin.dtype
-            and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and q.dtype in FLOAT_DTYPES
             and not (cos.requires_grad or sin.requires_grad)):
         return RopeFn.apply(q, k, cos, sin)
     return reference(q, k, cos, sin, unsqueeze_dim)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant.codes import FLOAT_DTYPES
 from ..quant.functional import use_kernel
 
 
@@ -37,6 +38,6 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The kernel for contiguous CUDA (or QTUNE_BACKEND=triton) float tensors of one shape and
     dtype, else the reference."""
     if (use_kernel(g) and g.shape == u.shape and g.dtype == u.dtype
-            and g.dtype in (torch.float32, torch.float16, torch.bfloat16) and g.is_contiguous() and u.is_contiguous()):
+            and g.dtype in FLOAT_DTYPES and g.is_contiguous() and u.is_contiguous()):
         return SwiGLUFn.apply(g, u)
     return reference(g, u)
