@@ -44,9 +44,9 @@ def make_optimizer(cfg, params):
         return AdamW8bit(params, **kw, paged=o.paged)
     if o.name == "adam8bit":
         return Adam8bit(params, **kw, paged=o.paged)
-    if o.name == "adamw" and o.paged:
-        raise RunError("optim.paged=true needs an 8-bit optimizer; allowed with it: adamw8bit, adam8bit")
     if o.name == "adamw":
+        if o.paged:
+            raise RunError("optim.paged=true needs an 8-bit optimizer; allowed with it: adamw8bit, adam8bit")
         return torch.optim.AdamW(params, **kw)
     raise RunError(f"optim.name {o.name!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
 
