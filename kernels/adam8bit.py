@@ -9,6 +9,7 @@ tables because each tensor is its own allocation. Imports torch and triton only.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -19,10 +20,12 @@ from .device import on_tensor_device
 from .rounding import TL_DTYPES, to_dtype_rne
 
 BLOCK = 256  # values per absmax block
-# Launch shape per parameter dtype: (256-value blocks per program, warps). From scripts/bench_optim.py
-# --sweep on an H100 (one run, kernel times): float32 params 2 blocks 1.53 ms (4 blocks: 1.60),
-# bfloat16 8 blocks 1.29 ms (4: 1.43); float16 moves the bytes bfloat16 does. The sweep overrides it.
-LAUNCH = {torch.float32: (2, 4), torch.bfloat16: (8, 4), torch.float16: (8, 4)}
+# Launch shape per parameter dtype: (256-value blocks per work item, warps, programs per SM). From
+# scripts/bench_optim.py --sweep on an H100 (one run, kernel times), one program per item: float32
+# params 2 blocks 1.53 ms (4 blocks: 1.60), bfloat16 8 blocks 1.29 ms (4: 1.43); float16 moves the
+# bytes bfloat16 does. Programs per SM > 0: a persistent grid of that many programs per SM walks the
+# work list, loading ahead (_adam_persistent_kernel); 0: one program per item. The sweep overrides it.
+LAUNCH = {torch.float32: (2, 4, 8), torch.bfloat16: (8, 4, 8), torch.float16: (8, 4, 8)}
 # Map lookups (codes to values, requantization midpoints) through shared memory (tl.gather of the
 # 256-entry table spread over the warps) instead of loads through L1; read at launch, swept.
 LUT_SHARED = True
@@ -96,24 +99,53 @@ def _load(ptr, mask, other, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
-               first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
-               Z1, E1, Z2, E2,
-               P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-               MASKED: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """NB blocks of one tensor from block `first`; pointers already point at the tensor's element
-    0 (state pointers at its segment, absmax pointers at its first block). Unmasked (vectorized)
-    unless MASKED, for the tensor's last, partial run of blocks."""
+def _store(ptr, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
+def _tile(first, numel, MASKED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """(rows, offsets, mask, row mask) of NB blocks of one tensor from block `first` (the masks go
+    unused, and are not computed, unless MASKED)."""
     rows = first + tl.arange(0, NB)
     offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
-    if MASKED:
-        mask = offs < numel
-        row_mask = rows * BLOCK_SIZE < numel
+    return rows, offs, offs < numel, rows * BLOCK_SIZE < numel
+
+
+@triton.jit
+def _load_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, first, numel, EIGHT_BIT: tl.constexpr,
+               MASKED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Parameter, gradient and moments of NB blocks (codes and absmax when EIGHT_BIT; the absmax
+    are 0.0 otherwise), as stored."""
+    rows, offs, mask, row_mask = _tile(first, numel, MASKED, NB, BLOCK_SIZE)
+    p = _load(p_ptr + offs, mask, 0.0, MASKED)
+    g = _load(g_ptr + offs, mask, 0.0, MASKED)
+    if EIGHT_BIT:
+        m1 = _load(s1_ptr + offs, mask, 127, MASKED)
+        m2 = _load(s2_ptr + offs, mask, 0, MASKED)
+        a1 = _load(a1_ptr + rows, row_mask, 0.0, MASKED)
+        a2 = _load(a2_ptr + rows, row_mask, 0.0, MASKED)
     else:
-        mask = None
-        row_mask = None
-    p = _load(p_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
-    g = _load(g_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
+        m1 = _load(s1_ptr + offs, mask, 0.0, MASKED)
+        m2 = _load(s2_ptr + offs, mask, 0.0, MASKED)
+        a1 = 0.0
+        a2 = 0.0
+    return p, g, m1, m2, a1, a2
+
+
+@triton.jit
+def _update_tile(p, g, m1, m2, a1, a2, p_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr, first, numel,
+                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, Z1, E1, Z2, E2,
+                 P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
+                 MASKED: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The step of NB blocks loaded by _load_tile: update, store the parameter and the requantized
+    moments (or float32 moments) with their new absmax."""
+    rows, offs, mask, row_mask = _tile(first, numel, MASKED, NB, BLOCK_SIZE)
+    p = p.to(tl.float32)
+    g = g.to(tl.float32)
     if USE_L2:
         g = g + l2 * p
     finite = tl.abs(g) < float("inf")  # false for NaN too
@@ -121,62 +153,123 @@ def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
         finite = finite & mask
     g = tl.where(finite, g, 0.0)
     if EIGHT_BIT:
-        a1 = _load(a1_ptr + rows, row_mask, 0.0, MASKED)
-        a2 = _load(a2_ptr + rows, row_mask, 0.0, MASKED)
-        c1 = _load(s1_ptr + offs, mask, 127, MASKED).to(tl.int32)
-        c2 = _load(s2_ptr + offs, mask, 0, MASKED).to(tl.int32)
-        s1 = _lookup(map1_ptr, c1, SHARED) * a1[:, None]
-        s2 = _lookup(map2_ptr, c2, SHARED) * a2[:, None]
+        s1 = _lookup(map1_ptr, m1.to(tl.int32), SHARED) * a1[:, None]
+        s2 = _lookup(map2_ptr, m2.to(tl.int32), SHARED) * a2[:, None]
     else:
-        s1 = _load(s1_ptr + offs, mask, 0.0, MASKED)
-        s2 = _load(s2_ptr + offs, mask, 0.0, MASKED)
+        s1 = m1
+        s2 = m2
     s1 = tl.where(finite, s1 * beta1 + one_minus_beta1 * g, 0.0)
     s2 = tl.where(finite, s2 * beta2 + one_minus_beta2 * g * g, 0.0)
     new = p + step_size * (s1 / (tl.sqrt(s2) + eps_hat))
     if USE_DECAY:
         new = new * decay
-    tl.store(p_ptr + offs, to_dtype_rne(tl.where(finite, new, p), P_DTYPE), mask=mask)
+    _store(p_ptr + offs, to_dtype_rne(tl.where(finite, new, p), P_DTYPE), mask, MASKED)
     if EIGHT_BIT:
         n1 = tl.max(tl.abs(s1), axis=1)
         n2 = tl.max(tl.abs(s2), axis=1)
-        tl.store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, Z1, E1, True, SHARED), mask=mask)
-        tl.store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, Z2, E2, False, SHARED), mask=mask)
-        tl.store(a1_ptr + rows, n1, mask=row_mask)
-        tl.store(a2_ptr + rows, n2, mask=row_mask)
+        _store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, Z1, E1, True, SHARED), mask, MASKED)
+        _store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, Z2, E2, False, SHARED), mask, MASKED)
+        _store(a1_ptr + rows, n1, row_mask, MASKED)
+        _store(a2_ptr + rows, n2, row_mask, MASKED)
     else:
-        tl.store(s1_ptr + offs, s1, mask=mask)
-        tl.store(s2_ptr + offs, s2, mask=mask)
+        _store(s1_ptr + offs, s1, mask, MASKED)
+        _store(s2_ptr + offs, s2, mask, MASKED)
 
 
 @triton.jit
-def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
-                 s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
-                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
-                 Z1, E1, Z2, E2,
-                 P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr):
-    w = tl.program_id(0)
-    slot = tl.load(work_ptr + 2 * w)
-    first = tl.load(work_ptr + 2 * w + 1).to(tl.int64)
-    # Tensors are addressed from one base pointer by element offsets, multiples of ALIGN elements
-    # (16 bytes when the host found them so): that lets loads and stores be vectorized.
+def _item(work_ptr, w):
+    """(tensor slot, first block) of work item w."""
+    return tl.load(work_ptr + 2 * w), tl.load(work_ptr + 2 * w + 1).to(tl.int64)
+
+
+@triton.jit
+def _tensor(slot, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr,
+            a1_ptr, a2_ptr, step_size, eps_hat, PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr,
+            NUMEL_ALIGN: tl.constexpr):
+    """Where tensor `slot` lives: its parameter, gradient, state and absmax pointers (at its element
+    0, segment and first block), its size and its bias-corrected step scalars. Tensors are
+    addressed from one base pointer by element offsets, multiples of ALIGN elements (16 bytes when
+    the host found them so): that lets loads and stores be vectorized."""
     p_ptr = p_base + tl.multiple_of(tl.load(poff_ptr + slot), ALIGN)
     g_ptr = p_base + tl.multiple_of(tl.load(goff_ptr + slot), ALIGN)
-    numel = tl.load(numel_ptr + slot)
+    numel = tl.multiple_of(tl.load(numel_ptr + slot), NUMEL_ALIGN)
     elem_off = tl.multiple_of(tl.load(elem_off_ptr + slot), 16)
     block_off = tl.load(block_off_ptr + slot)
     if PER_TENSOR_STEP:  # tensors at different steps: bias corrections from the table
         step_size = tl.load(scal_ptr + 2 * slot)
         eps_hat = tl.load(scal_ptr + 2 * slot + 1)
+    return p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off, numel, \
+        step_size, eps_hat
+
+
+@triton.jit
+def _adam_kernel(work_ptr, n_items, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
+                 s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
+                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
+                 Z1, E1, Z2, E2,
+                 P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
+                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, NUMEL_ALIGN: tl.constexpr,
+                 SHARED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One work item per program; unmasked (vectorized) loads and stores except for a tensor's last,
+    partial run of blocks."""
+    slot, first = _item(work_ptr, tl.program_id(0))
+    p_ptr, g_ptr, s1, s2, a1, a2, numel, step_size, eps_hat = _tensor(
+        slot, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr, a1_ptr,
+        a2_ptr, step_size, eps_hat, PER_TENSOR_STEP, ALIGN, NUMEL_ALIGN)
     if (first + NB) * BLOCK_SIZE <= numel:
-        _adam_tile(p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off,
-                   map1_ptr, map2_ptr, first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
-                   step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, False, SHARED, NB, BLOCK_SIZE)
+        vp, vg, m1, m2, v1, v2 = _load_tile(p_ptr, g_ptr, s1, s2, a1, a2, first, numel, EIGHT_BIT, False, NB, BLOCK_SIZE)
+        _update_tile(vp, vg, m1, m2, v1, v2, p_ptr, s1, s2, a1, a2, map1_ptr, map2_ptr, first, numel, beta1, beta2,
+                     one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE,
+                     EIGHT_BIT, USE_L2, USE_DECAY, False, SHARED, NB, BLOCK_SIZE)
     else:
-        _adam_tile(p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off,
-                   map1_ptr, map2_ptr, first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
-                   step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
+        vp, vg, m1, m2, v1, v2 = _load_tile(p_ptr, g_ptr, s1, s2, a1, a2, first, numel, EIGHT_BIT, True, NB, BLOCK_SIZE)
+        _update_tile(vp, vg, m1, m2, v1, v2, p_ptr, s1, s2, a1, a2, map1_ptr, map2_ptr, first, numel, beta1, beta2,
+                     one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE,
+                     EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
+
+
+@triton.jit
+def _adam_persistent_kernel(work_ptr, n_items, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr,
+                            scal_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
+                            beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
+                            Z1, E1, Z2, E2,
+                            P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr,
+                            USE_DECAY: tl.constexpr, PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr,
+                            NUMEL_ALIGN: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr):
+    """Programs walk the work list with a stride of the grid, loading ahead so no load waits on
+    another: while item i computes, item i+1's values, item i+2's tensor tables and item i+3's
+    work entry are in flight (each needs the one before). Loads and stores are masked (vectorized
+    as NUMEL_ALIGN allows); look-ahead past the end re-reads the last item and uses nothing."""
+    stride = tl.num_programs(0)
+    last = n_items - 1
+    start = tl.program_id(0)  # the grid is no larger than the work list
+    slot_a, first_a = _item(work_ptr, start)
+    slot_b, first_b = _item(work_ptr, tl.minimum(start + stride, last))
+    slot_c, first_c = _item(work_ptr, tl.minimum(start + 2 * stride, last))
+    p_a, g_a, s1_a, s2_a, a1_a, a2_a, n_a, ss_a, eh_a = _tensor(
+        slot_a, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr, a1_ptr,
+        a2_ptr, step_size, eps_hat, PER_TENSOR_STEP, ALIGN, NUMEL_ALIGN)
+    p_b, g_b, s1_b, s2_b, a1_b, a2_b, n_b, ss_b, eh_b = _tensor(
+        slot_b, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr, a1_ptr,
+        a2_ptr, step_size, eps_hat, PER_TENSOR_STEP, ALIGN, NUMEL_ALIGN)
+    vp, vg, m1, m2, v1, v2 = _load_tile(p_a, g_a, s1_a, s2_a, a1_a, a2_a, first_a, n_a, EIGHT_BIT, True, NB, BLOCK_SIZE)
+    for w in range(start, n_items, stride):
+        slot_d, first_d = _item(work_ptr, tl.minimum(w + 3 * stride, last))
+        p_c, g_c, s1_c, s2_c, a1_c, a2_c, n_c, ss_c, eh_c = _tensor(
+            slot_c, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr,
+            a1_ptr, a2_ptr, step_size, eps_hat, PER_TENSOR_STEP, ALIGN, NUMEL_ALIGN)
+        np_, ng, nm1, nm2, nv1, nv2 = _load_tile(p_b, g_b, s1_b, s2_b, a1_b, a2_b, first_b, n_b, EIGHT_BIT, True, NB,
+                                                 BLOCK_SIZE)
+        _update_tile(vp, vg, m1, m2, v1, v2, p_a, s1_a, s2_a, a1_a, a2_a, map1_ptr, map2_ptr, first_a, n_a, beta1,
+                     beta2, one_minus_beta1, one_minus_beta2, decay, l2, ss_a, eh_a, Z1, E1, Z2, E2, P_DTYPE,
+                     EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
+        vp, vg, m1, m2, v1, v2 = np_, ng, nm1, nm2, nv1, nv2
+        p_a, g_a, s1_a, s2_a, a1_a, a2_a, n_a, ss_a, eh_a, first_a = \
+            p_b, g_b, s1_b, s2_b, a1_b, a2_b, n_b, ss_b, eh_b, first_b
+        p_b, g_b, s1_b, s2_b, a1_b, a2_b, n_b, ss_b, eh_b, first_b = \
+            p_c, g_c, s1_c, s2_c, a1_c, a2_c, n_c, ss_c, eh_c, first_c
+        slot_c, first_c = slot_d, first_d
 
 
 class StateMaps(NamedTuple):
@@ -228,6 +321,14 @@ def work_list(numels: list[int], device: torch.device, blocks_per_program: int) 
     return torch.tensor(items, dtype=torch.int32, device=device).reshape(-1, 2)
 
 
+def numel_alignment(numels: list[int]) -> int:
+    """The largest power of two up to 16 dividing every numel (adam_step's `numel_align`)."""
+    align = 16
+    while any(n % align for n in numels):
+        align //= 2
+    return align
+
+
 def element_offsets(addrs: list[int], base: int, itemsize: int) -> tuple[list[int], int]:
     """Offsets of tensors at `addrs` from `base`, in elements, and the largest alignment (in
     elements, up to 16 bytes) that all of them and the base share, for the kernel's ALIGN."""
@@ -243,7 +344,7 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
               numels: torch.Tensor, elem_offs: torch.Tensor, block_offs: torch.Tensor,
               scalars: torch.Tensor | tuple[float, float], state1: torch.Tensor, state2: torch.Tensor,
               absmax1: torch.Tensor | None, absmax2: torch.Tensor | None, maps: StateMaps, *, beta1: float,
-              beta2: float, decay: float, l2: float, launch: tuple[int, int]) -> None:
+              beta2: float, decay: float, l2: float, launch: tuple[int, int, int], numel_align: int = 1) -> None:
     """Launch one step over a work list. Parameters and gradients are contiguous tensors of
     p_base's dtype at element offsets p_offs / g_offs (int64 device tables, from
     `element_offsets`, all multiples of `align`) from p_base. Other tables, indexed by slot:
@@ -251,16 +352,29 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
     `scalars`: (step_size, eps_hat) shared by all tensors, or a float32 (n, 2) device table of
     them. 8-bit when absmax1 is given (uint8 states), else float32 states. `decay` multiplies the
     parameter after the update (AdamW; 1.0 for none); `l2` times the parameter is added to the
-    gradient (Adam). `launch`: (blocks per program, warps), the blocks as the work list was made with."""
+    gradient (Adam). `launch`: as LAUNCH holds it, its blocks the work list's. `numel_align`: a
+    power of two (<= 16) dividing every numel, for vectorized masked loads."""
     eight_bit = absmax1 is not None
     per_tensor = isinstance(scalars, torch.Tensor)
     dummy = state1 if eight_bit else maps.table1
     step_size, eps_hat = (0.0, 0.0) if per_tensor else scalars
-    _adam_kernel[(work.shape[0],)](
-        work, p_base, p_offs, g_offs, numels, elem_offs, block_offs, scalars if per_tensor else maps.table1,
+    blocks, warps, per_sm = launch
+    items = work.shape[0]
+    kernel, grid = _adam_kernel, items
+    if per_sm:
+        kernel, grid = _adam_persistent_kernel, min(items, per_sm * _sm_count(work.device))
+    kernel[(grid,)](
+        work, items, p_base, p_offs, g_offs, numels, elem_offs, block_offs, scalars if per_tensor else maps.table1,
         state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy,
         maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
         maps.zero1, maps.binade1, maps.zero2, maps.binade2,
         P_DTYPE=TL_DTYPES[p_base.dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
-        PER_TENSOR_STEP=per_tensor, ALIGN=align, SHARED=LUT_SHARED, NB=launch[0], BLOCK_SIZE=BLOCK, num_warps=launch[1],
+        PER_TENSOR_STEP=per_tensor, ALIGN=align, NUMEL_ALIGN=numel_align, SHARED=LUT_SHARED, NB=blocks,
+        BLOCK_SIZE=BLOCK, num_warps=warps, num_stages=1,
     )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (2 elsewhere: the interpreter runs programs in turn)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
