@@ -8,11 +8,13 @@ Model: Llama-2-13B's shape (hidden 5120, intermediate 13824, 40 heads, vocab 320
 (4) decoder layers, randomly initialised and saved once (scripts/make_random_model.py) under
 $QTUNE_CACHE/bench (default ~/.cache/qtune/bench). Batch 1 of random tokens (labels = inputs), LoRA
 r=16 (alpha 32, dropout 0.05) on all linear layers, gradient checkpointing, 8-bit AdamW at lr 2e-4,
-gradients clipped at 1.0, bf16 autocast; every model in train mode.
+gradients clipped at 1.0; every model in train mode.
 
-- A, what users run today: transformers + BitsAndBytesConfig (NF4, double quant, bf16 compute) ->
-  peft.prepare_model_for_kbit_training -> get_peft_model -> bitsandbytes.optim.AdamW8bit;
-  `model(**batch).loss` (HF's full fp32 logits).
+- A, what users run today, as issue 9 defines it: transformers + BitsAndBytesConfig (NF4, double
+  quant, bf16 compute) -> peft.prepare_model_for_kbit_training -> get_peft_model ->
+  bitsandbytes.optim.AdamW8bit; `model(**batch).loss` (HF's full fp32 logits). No autocast, so the
+  fp32 upcasts of prepare_model_for_kbit_training (norms, embeddings, lm_head) carry the hidden
+  states and logits in fp32; `--a-autocast` runs it under bf16 torch.autocast instead (a faster A).
 - B: bf16 LoRA without quantization (frozen bf16 base, same peft LoRA and 8-bit AdamW, HF loss).
 - C: qtune's training step as qtune.train runs it: qtune.model.load_model on a RunConfig, the
   loop's make_optimizer / make_schedule / GradScaler / make_micro_steps (a CUDA graph per
@@ -130,8 +132,8 @@ def stack_a(path, args, seq, device):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.AdamW8bit(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    return model, hf_step(model, opt, args, device, autocast=not args.a_plain), {
-        "optimizer": "bitsandbytes.optim.AdamW8bit", "bitsandbytes": bnb.__version__, "autocast": not args.a_plain}
+    return model, hf_step(model, opt, args, device, autocast=args.a_autocast), {
+        "optimizer": "bitsandbytes.optim.AdamW8bit", "bitsandbytes": bnb.__version__, "autocast": args.a_autocast}
 
 
 def stack_b(path, args, seq, device):
@@ -393,9 +395,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--a-plain", action="store_true",
-                    help="stack A without torch.autocast: the 4-bit layers compute in bf16, the rest (fp32 after "
-                         "prepare_model_for_kbit_training) in fp32, as the issue describes it")
+    ap.add_argument("--a-autocast", action="store_true",
+                    help="stack A under bf16 torch.autocast (default: without, as issue 9 describes stack A: the "
+                         "4-bit layers compute in bf16, the rest, fp32 after prepare_model_for_kbit_training, in fp32)")
     ap.add_argument("--c-eager", action="store_true", help="stack C without CUDA graphs (train.cuda_graphs=false)")
     ap.add_argument("--c-unfuse", nargs="+", default=[], choices=["rope", "swiglu"],
                     help="stack C with transformers' rotary embedding / MLP activation, not qtune's kernels")
