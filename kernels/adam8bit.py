@@ -9,23 +9,24 @@ tables because each tensor is its own allocation. Imports torch and triton only.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
 
 from .device import on_tensor_device
 from .rounding import TL_DTYPES, to_dtype_rne
 
 BLOCK = 256  # values per absmax block
-# Launch shape per parameter dtype: (256-value blocks per work item, warps, programs per SM). From
-# scripts/bench_optim.py --sweep on an H100 (one run, kernel times), one program per item: float32
-# params 2 blocks 1.53 ms (4 blocks: 1.60), bfloat16 8 blocks 1.29 ms (4: 1.43); float16 moves the
-# bytes bfloat16 does. Programs per SM > 0: a persistent grid of that many programs per SM walks the
-# work list, loading ahead (_adam_persistent_kernel); 0: one program per item. The sweep overrides it.
-LAUNCH = {torch.float32: (2, 4, 8), torch.bfloat16: (8, 4, 8), torch.float16: (8, 4, 8)}
+# Launch shape per parameter dtype: (256-value blocks per program, warps). From scripts/bench_optim.py
+# --sweep on an H100 (one run, kernel times): float32 params 4 blocks 1.35 ms (2: 1.46, 8: 1.35),
+# bfloat16 8 blocks 1.09 ms (4: 1.21); float16 moves the bytes bfloat16 does. A persistent grid
+# walking the work list with loads one item ahead was slower at every shape (1.54-1.97 / 1.34-1.76
+# ms). The sweep overrides it.
+LAUNCH = {torch.float32: (4, 4), torch.bfloat16: (8, 4), torch.float16: (8, 4)}
 # Map lookups (codes to values, requantization midpoints) through shared memory (tl.gather of the
 # 256-entry table spread over the warps) instead of loads through L1; read at launch, swept.
 LUT_SHARED = True
@@ -184,15 +185,14 @@ def _item(work_ptr, w):
 
 @triton.jit
 def _tensor(slot, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr,
-            a1_ptr, a2_ptr, step_size, eps_hat, PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr,
-            NUMEL_ALIGN: tl.constexpr):
+            a1_ptr, a2_ptr, step_size, eps_hat, PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr):
     """Where tensor `slot` lives: its parameter, gradient, state and absmax pointers (at its element
     0, segment and first block), its size and its bias-corrected step scalars. Tensors are
     addressed from one base pointer by element offsets, multiples of ALIGN elements (16 bytes when
     the host found them so): that lets loads and stores be vectorized."""
     p_ptr = p_base + tl.multiple_of(tl.load(poff_ptr + slot), ALIGN)
     g_ptr = p_base + tl.multiple_of(tl.load(goff_ptr + slot), ALIGN)
-    numel = tl.multiple_of(tl.load(numel_ptr + slot), NUMEL_ALIGN)
+    numel = tl.load(numel_ptr + slot)
     elem_off = tl.multiple_of(tl.load(elem_off_ptr + slot), 16)
     block_off = tl.load(block_off_ptr + slot)
     if PER_TENSOR_STEP:  # tensors at different steps: bias corrections from the table
@@ -203,19 +203,19 @@ def _tensor(slot, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off
 
 
 @triton.jit
-def _adam_kernel(work_ptr, n_items, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
+def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
                  s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
                  beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
                  Z1, E1, Z2, E2,
                  P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, NUMEL_ALIGN: tl.constexpr,
-                 SHARED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr):
     """One work item per program; unmasked (vectorized) loads and stores except for a tensor's last,
     partial run of blocks."""
     slot, first = _item(work_ptr, tl.program_id(0))
     p_ptr, g_ptr, s1, s2, a1, a2, numel, step_size, eps_hat = _tensor(
         slot, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr, a1_ptr,
-        a2_ptr, step_size, eps_hat, PER_TENSOR_STEP, ALIGN, NUMEL_ALIGN)
+        a2_ptr, step_size, eps_hat, PER_TENSOR_STEP, ALIGN)
     if (first + NB) * BLOCK_SIZE <= numel:
         vp, vg, m1, m2, v1, v2 = _load_tile(p_ptr, g_ptr, s1, s2, a1, a2, first, numel, EIGHT_BIT, False, NB, BLOCK_SIZE)
         _update_tile(vp, vg, m1, m2, v1, v2, p_ptr, s1, s2, a1, a2, map1_ptr, map2_ptr, first, numel, beta1, beta2,
@@ -226,50 +226,6 @@ def _adam_kernel(work_ptr, n_items, p_base, poff_ptr, goff_ptr, numel_ptr, elem_
         _update_tile(vp, vg, m1, m2, v1, v2, p_ptr, s1, s2, a1, a2, map1_ptr, map2_ptr, first, numel, beta1, beta2,
                      one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE,
                      EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
-
-
-@triton.jit
-def _adam_persistent_kernel(work_ptr, n_items, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr,
-                            scal_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
-                            beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
-                            Z1, E1, Z2, E2,
-                            P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr,
-                            USE_DECAY: tl.constexpr, PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr,
-                            NUMEL_ALIGN: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr,
-                            BLOCK_SIZE: tl.constexpr):
-    """Programs walk the work list with a stride of the grid, loading ahead so no load waits on
-    another: while item i computes, item i+1's values, item i+2's tensor tables and item i+3's
-    work entry are in flight (each needs the one before). Loads and stores are masked (vectorized
-    as NUMEL_ALIGN allows); look-ahead past the end re-reads the last item and uses nothing."""
-    stride = tl.num_programs(0)
-    last = n_items - 1
-    start = tl.program_id(0)  # the grid is no larger than the work list
-    slot_a, first_a = _item(work_ptr, start)
-    slot_b, first_b = _item(work_ptr, tl.minimum(start + stride, last))
-    slot_c, first_c = _item(work_ptr, tl.minimum(start + 2 * stride, last))
-    p_a, g_a, s1_a, s2_a, a1_a, a2_a, n_a, ss_a, eh_a = _tensor(
-        slot_a, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr, a1_ptr,
-        a2_ptr, step_size, eps_hat, PER_TENSOR_STEP, ALIGN, NUMEL_ALIGN)
-    p_b, g_b, s1_b, s2_b, a1_b, a2_b, n_b, ss_b, eh_b = _tensor(
-        slot_b, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr, a1_ptr,
-        a2_ptr, step_size, eps_hat, PER_TENSOR_STEP, ALIGN, NUMEL_ALIGN)
-    vp, vg, m1, m2, v1, v2 = _load_tile(p_a, g_a, s1_a, s2_a, a1_a, a2_a, first_a, n_a, EIGHT_BIT, True, NB, BLOCK_SIZE)
-    for w in range(start, n_items, stride):
-        slot_d, first_d = _item(work_ptr, tl.minimum(w + 3 * stride, last))
-        p_c, g_c, s1_c, s2_c, a1_c, a2_c, n_c, ss_c, eh_c = _tensor(
-            slot_c, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr,
-            a1_ptr, a2_ptr, step_size, eps_hat, PER_TENSOR_STEP, ALIGN, NUMEL_ALIGN)
-        np_, ng, nm1, nm2, nv1, nv2 = _load_tile(p_b, g_b, s1_b, s2_b, a1_b, a2_b, first_b, n_b, EIGHT_BIT, True, NB,
-                                                 BLOCK_SIZE)
-        _update_tile(vp, vg, m1, m2, v1, v2, p_a, s1_a, s2_a, a1_a, a2_a, map1_ptr, map2_ptr, first_a, n_a, beta1,
-                     beta2, one_minus_beta1, one_minus_beta2, decay, l2, ss_a, eh_a, Z1, E1, Z2, E2, P_DTYPE,
-                     EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
-        vp, vg, m1, m2, v1, v2 = np_, ng, nm1, nm2, nv1, nv2
-        p_a, g_a, s1_a, s2_a, a1_a, a2_a, n_a, ss_a, eh_a, first_a = \
-            p_b, g_b, s1_b, s2_b, a1_b, a2_b, n_b, ss_b, eh_b, first_b
-        p_b, g_b, s1_b, s2_b, a1_b, a2_b, n_b, ss_b, eh_b, first_b = \
-            p_c, g_c, s1_c, s2_c, a1_c, a2_c, n_c, ss_c, eh_c, first_c
-        slot_c, first_c = slot_d, first_d
 
 
 class StateMaps(NamedTuple):
@@ -321,14 +277,6 @@ def work_list(numels: list[int], device: torch.device, blocks_per_program: int) 
     return torch.tensor(items, dtype=torch.int32, device=device).reshape(-1, 2)
 
 
-def numel_alignment(numels: list[int]) -> int:
-    """The largest power of two up to 16 dividing every numel (adam_step's `numel_align`)."""
-    align = 16
-    while any(n % align for n in numels):
-        align //= 2
-    return align
-
-
 def element_offsets(addrs: list[int], base: int, itemsize: int) -> tuple[list[int], int]:
     """Offsets of tensors at `addrs` from `base`, in elements, and the largest alignment (in
     elements, up to 16 bytes) that all of them and the base share, for the kernel's ALIGN."""
@@ -344,7 +292,7 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
               numels: torch.Tensor, elem_offs: torch.Tensor, block_offs: torch.Tensor,
               scalars: torch.Tensor | tuple[float, float], state1: torch.Tensor, state2: torch.Tensor,
               absmax1: torch.Tensor | None, absmax2: torch.Tensor | None, maps: StateMaps, *, beta1: float,
-              beta2: float, decay: float, l2: float, launch: tuple[int, int, int], numel_align: int = 1) -> None:
+              beta2: float, decay: float, l2: float, launch: tuple[int, int]) -> None:
     """Launch one step over a work list. Parameters and gradients are contiguous tensors of
     p_base's dtype at element offsets p_offs / g_offs (int64 device tables, from
     `element_offsets`, all multiples of `align`) from p_base. Other tables, indexed by slot:
@@ -352,29 +300,45 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
     `scalars`: (step_size, eps_hat) shared by all tensors, or a float32 (n, 2) device table of
     them. 8-bit when absmax1 is given (uint8 states), else float32 states. `decay` multiplies the
     parameter after the update (AdamW; 1.0 for none); `l2` times the parameter is added to the
-    gradient (Adam). `launch`: as LAUNCH holds it, its blocks the work list's. `numel_align`: a
-    power of two (<= 16) dividing every numel, for vectorized masked loads."""
+    gradient (Adam). `launch`: (blocks per program, warps), the blocks as the work list was made with."""
     eight_bit = absmax1 is not None
     per_tensor = isinstance(scalars, torch.Tensor)
     dummy = state1 if eight_bit else maps.table1
     step_size, eps_hat = (0.0, 0.0) if per_tensor else scalars
-    blocks, warps, per_sm = launch
-    items = work.shape[0]
-    kernel, grid = _adam_kernel, items
-    if per_sm:
-        kernel, grid = _adam_persistent_kernel, min(items, per_sm * _sm_count(work.device))
-    kernel[(grid,)](
-        work, items, p_base, p_offs, g_offs, numels, elem_offs, block_offs, scalars if per_tensor else maps.table1,
-        state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy,
-        maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
-        maps.zero1, maps.binade1, maps.zero2, maps.binade2,
-        P_DTYPE=TL_DTYPES[p_base.dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0, USE_DECAY=decay != 1.0,
-        PER_TENSOR_STEP=per_tensor, ALIGN=align, NUMEL_ALIGN=numel_align, SHARED=LUT_SHARED, NB=blocks,
-        BLOCK_SIZE=BLOCK, num_warps=warps, num_stages=1,
-    )
+    args = (work, p_base, p_offs, g_offs, numels, elem_offs, block_offs, scalars if per_tensor else maps.table1,
+            state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy,
+            maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
+            maps.zero1, maps.binade1, maps.zero2, maps.binade2)
+    consts = (TL_DTYPES[p_base.dtype], eight_bit, l2 != 0.0, decay != 1.0, per_tensor, align, LUT_SHARED,
+              launch[0], BLOCK)
+    _launch((work.shape[0],), args, consts, launch[1], p_base)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (2 elsewhere: the interpreter runs programs in turn)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+# Compiled kernels by what Triton specializes them on, for launches without its per-call argument
+# binding (about half of a launch's host time, which the step's latency includes). None once a
+# direct launch failed (a Triton whose launcher takes other arguments): Triton's path from then on.
+_COMPILED: dict[tuple, object] | None = {}
+
+
+def _launch(grid: tuple[int], args: tuple, consts: tuple, warps: int, p_base: torch.Tensor) -> None:
+    """_adam_kernel[grid](*args, *consts). Of the arguments only p_base's address can change how
+    Triton specializes the kernel (every other tensor is an allocation of this module's callers,
+    aligned; the integers are fixed per device), so its 16-byte alignment joins the constexprs and
+    the grid in the key; the first launch of a key, the interpreter and any launch hook take
+    Triton's own path."""
+    global _COMPILED
+    key = (grid, consts, warps, p_base.data_ptr() % 16 == 0, p_base.device)
+    compiled = _COMPILED.get(key) if _COMPILED is not None else None
+    hook = knobs.runtime.launch_enter_hook  # a chain of hooks (Triton 3.4+) or None
+    if compiled is not None and not getattr(hook, "calls", hook):
+        try:
+            stream = driver.active.get_current_stream(driver.active.get_current_device())
+            compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *consts)
+            return
+        except TypeError:  # not launched: this Triton's launcher wants other arguments
+            _COMPILED = None
+    names = ("P_DTYPE", "EIGHT_BIT", "USE_L2", "USE_DECAY", "PER_TENSOR_STEP", "ALIGN", "SHARED", "NB", "BLOCK_SIZE")
+    compiled = _adam_kernel[grid](*args, **dict(zip(names, consts)), num_warps=warps)
+    if _COMPILED is not None and p_base.is_cuda and hasattr(compiled, "run"):
+        _COMPILED[key] = compiled

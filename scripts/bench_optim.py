@@ -93,12 +93,9 @@ def competitors(sweep: bool):
             return qtune.optim.AdamW8bit(ps, lr=1e-4, paged=paged)
         return build
 
-    # (blocks per item, warps, programs per SM: 0 = one program per work item, else persistent) x lookups
-    shapes = [((nb, w, ps), True) for ps in (0, 4, 8, 16) for nb, w in ((2, 4), (4, 4), (8, 4), (4, 8))]
-    shapes += [((nb, w, ps), False) for ps in (0, 8) for nb, w in ((2, 4), (8, 4))]
+    shapes = [((nb, w), sh) for sh in (True, False) for nb, w in ((2, 4), (4, 4), (8, 4), (4, 8), (8, 8))]
     for launch, shared in (shapes if sweep else []):
-        yield (f"qtune nb={launch[0]} w={launch[1]} per_sm={launch[2]} {'smem' if shared else 'L1'}",
-               qtune_with(launch, shared))
+        yield f"qtune nb={launch[0]} w={launch[1]} {'smem' if shared else 'L1'}", qtune_with(launch, shared)
     yield "qtune AdamW8bit", qtune_with(None, default_shared)
     yield "qtune AdamW8bit paged", qtune_with(None, default_shared, paged=True)  # states in host memory
     yield "torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)

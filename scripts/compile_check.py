@@ -80,7 +80,7 @@ def main() -> None:
     print(f"quant8 sm_90: {compile_one(kq._quant8_kernel, sig, {'BLOCKSIZE': 256}, 90)}")
     sig = {n: "*i32" if n == "work_ptr" else "*i64" for n in ("work_ptr", "poff_ptr", "goff_ptr", "numel_ptr",
                                                                "elem_off_ptr", "block_off_ptr")}
-    sig = {"work_ptr": sig["work_ptr"], "n_items": "i32", "p_base": "*fp32", **{k: v for k, v in sig.items() if k != "work_ptr"},
+    sig = {"work_ptr": sig["work_ptr"], "p_base": "*fp32", **{k: v for k, v in sig.items() if k != "work_ptr"},
            "scal_ptr": "*fp32", "s1_ptr": "*u8", "s2_ptr": "*u8", "a1_ptr": "*fp32", "a2_ptr": "*fp32",
            "map1_ptr": "*fp32", "map2_ptr": "*fp32",
            **{n: "fp32" for n in ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "decay", "l2", "step_size",
@@ -89,11 +89,11 @@ def main() -> None:
         if arch == 75 and dt == tl.bfloat16:
             continue
         c = {"P_DTYPE": dt, "EIGHT_BIT": True, "USE_L2": False, "USE_DECAY": True, "PER_TENSOR_STEP": False,
-             "ALIGN": 4, "NUMEL_ALIGN": 16, "NB": 4, "BLOCK_SIZE": 256}
+             "ALIGN": 4, "NB": 4, "BLOCK_SIZE": 256}
         s = {**sig, "p_base": P[dt]}
-        for shared, fn in itertools.product((True, False), (ka._adam_kernel, ka._adam_persistent_kernel)):
-            print(f"adam sm_{arch} {dt} shared LUT {shared} {fn.__name__}: "
-                  f"{compile_one(fn, s, {**c, 'SHARED': shared}, arch, stages=1)}")
+        for shared in (True, False):
+            print(f"adam sm_{arch} {dt} shared LUT {shared}: "
+                  f"{compile_one(ka._adam_kernel, s, {**c, 'SHARED': shared}, arch)}")
 
     for arch, dt in itertools.product((90, 75), (tl.float32, tl.bfloat16, tl.float16)):
         if arch == 75 and dt == tl.bfloat16:

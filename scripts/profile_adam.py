@@ -41,7 +41,7 @@ for dtype in (torch.float32, torch.bfloat16):
     def launch():
         kernel.adam_step(b.work, params[0], b.p_offs, b.g_offs, b.align, b.numels, b.elem_offs, b.block_offs,
                          (-1e-4, 1e-8), b.state1, b.state2, b.absmax1, b.absmax2, maps, beta1=0.9, beta2=0.999,
-                         decay=1.0 - 1e-6, l2=0.0, launch=b.launch, numel_align=b.numel_align)
+                         decay=1.0 - 1e-6, l2=0.0, launch=b.launch)
 
     print(f"{str(dtype)[6:]} params, launch {b.launch}: host time of step() {host_ms(opt.step):.3f} ms; gradient "
           f"addresses {host_ms(lambda: list(map(ptr, map(grad, params)))):.3f} ms; kernel launch {host_ms(launch):.3f} ms")

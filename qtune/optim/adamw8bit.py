@@ -65,8 +65,7 @@ class _Bucket:
     absmax1: torch.Tensor | None
     absmax2: torch.Tensor | None
     work: torch.Tensor  # (programs, 2) int32
-    launch: tuple[int, int, int]  # kernels.adam8bit.LAUNCH's: (blocks per item, warps, programs per SM)
-    numel_align: int  # power of two dividing every numel
+    launch: tuple[int, int]  # (blocks per program, warps): the work list's and the kernel's
     numels: torch.Tensor
     elem_offs: torch.Tensor
     block_offs: torch.Tensor
@@ -284,7 +283,7 @@ class Adam8bit(torch.optim.Optimizer):
             kernel.adam_step(b.work, _local(b.params[0]), b.p_offs, b.g_offs, b.align, b.numels, b.elem_offs, b.block_offs,
                              scalars, b.state1, b.state2, b.absmax1, b.absmax2, maps, beta1=beta1, beta2=beta2,
                              decay=1.0 - lr * wd if self._decoupled else 1.0, l2=0.0 if self._decoupled else wd,
-                             launch=b.launch, numel_align=b.numel_align)
+                             launch=b.launch)
             del grads  # any contiguous copies live until after the launch (stream-ordered frees are safe)
 
     @staticmethod
@@ -301,7 +300,7 @@ class Adam8bit(torch.optim.Optimizer):
     def _build_buckets(self, params: list[torch.Tensor]) -> list[_Bucket]:
         """Flat state buffers per (dtype, state kind), filled from the per-parameter states, which
         then become views into them; plus the kernel's tables."""
-        from ..kernels.adam8bit import LAUNCH, numel_alignment, work_list
+        from ..kernels.adam8bit import LAUNCH, work_list
 
         device = _local(params[0]).device
         paged = self.paged and device.type == "cuda"  # states in pinned host memory, read by the kernel
@@ -346,7 +345,6 @@ class Adam8bit(torch.optim.Optimizer):
                                    uniform=bool((steps == steps[0]).all()),
                                    absmax1=flat.get("absmax1"), absmax2=flat.get("absmax2"),
                                    work=work_list(numels, device, LAUNCH[dtype][0]), launch=LAUNCH[dtype],
-                                   numel_align=numel_alignment(numels),
                                    numels=as_dev(numels),
                                    elem_offs=as_dev(elem_offs), block_offs=as_dev(block_offs),
                                    p_addrs=[_local(p).data_ptr() for p in ps]))

@@ -28,8 +28,7 @@ def _random_state(p, eight_bit):
 @pytest.mark.parametrize("eight_bit", [True, False])
 @pytest.mark.parametrize("decoupled", [True, False])
 @pytest.mark.parametrize("lut_shared", [True, False])
-@pytest.mark.parametrize("per_sm", [0, 1, 3])  # one program per work item, or a persistent grid
-def test_kernel_matches_reference(dtype, eight_bit, decoupled, lut_shared, per_sm, monkeypatch):
+def test_kernel_matches_reference(dtype, eight_bit, decoupled, lut_shared, monkeypatch):
     monkeypatch.setattr(kernel, "LUT_SHARED", lut_shared)
     sizes = [4096, 5000, 256 * 9 + 7, 300] if DEVICE == "cpu" else [4096 * 64, 64 * 4096, 1_000_003, 300]
     params = [torch.randn(n, device=DEVICE).to(dtype) for n in sizes]
@@ -60,12 +59,11 @@ def test_kernel_matches_reference(dtype, eight_bit, decoupled, lut_shared, per_s
     p_offs, pa = kernel.element_offsets([p.data_ptr() for p in kp], kp[0].data_ptr(), kp[0].element_size())
     g_offs, ga = kernel.element_offsets([g.data_ptr() for g in grads], kp[0].data_ptr(), kp[0].element_size())
     dev = lambda xs: torch.tensor(xs, dtype=torch.int64, device=DEVICE)  # noqa: E731
-    launch = (*kernel.LAUNCH[dtype][:2], per_sm)
+    launch = kernel.LAUNCH[dtype]
     kernel.adam_step(kernel.work_list(numels, DEVICE, launch[0]), kp[0], dev(p_offs), dev(g_offs), min(pa, ga), dev(numels),
                      dev(elem_offs), dev(block_offs), scal, flat["state1"], flat["state2"], flat.get("absmax1"),
                      flat.get("absmax2"), maps, beta1=b1, beta2=b2,
-                     decay=1 - lr * wd if decoupled else 1.0, l2=0.0 if decoupled else wd, launch=launch,
-                     numel_align=kernel.numel_alignment(numels))
+                     decay=1 - lr * wd if decoupled else 1.0, l2=0.0 if decoupled else wd, launch=launch)
     got_states = {k: torch.cat([flat[k][o: o + s[k].numel()] for s, o in
                                 zip(states, block_offs if k.startswith("absmax") else elem_offs)]) for k in flat}
     # reference, tensor by tensor
