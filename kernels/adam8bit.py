@@ -39,11 +39,12 @@ LOG2_10 = tl.constexpr(3.321928094887362)
 
 
 @triton.jit
-def _lookup(table_ptr, idx, SHARED: tl.constexpr):
-    """table_ptr[idx] for int32 indices in [0, 256): a gather from the 256-entry table in shared
-    memory (a few bank conflicts per warp), or a load through L1 (one wavefront per cache line)."""
+def _lookup(table_ptr, idx, SHARED: tl.constexpr, SIZE: tl.constexpr = 256):
+    """table_ptr[idx] for int32 indices in [0, SIZE): a gather from the table in shared memory (a
+    few bank conflicts per warp; the values keep their layout), or a load through L1 (one
+    wavefront per cache line; Triton may give such loads a layout of their own, and convert)."""
     if SHARED:
-        table = tl.load(table_ptr + tl.arange(0, 256))
+        table = tl.load(table_ptr + tl.arange(0, SIZE))
         return tl.reshape(tl.gather(table, tl.reshape(idx, [idx.numel]), 0), idx.shape)
     return tl.load(table_ptr + idx)
 
@@ -60,8 +61,8 @@ def _magnitude_index(ax, map_ptr, Z, E0, SIGNED: tl.constexpr, SHARED: tl.conste
     is the answer or the one below, and one midpoint settles it. (Measured on an H100 against six
     threshold comparisons and against tables for the guess's constants: as fast or faster.)"""
     binade = tl.minimum(tl.maximum((ax.to(tl.int32, bitcast=True) >> 23) - E0, 0), 31)
-    k = tl.load(map_ptr + BELOW + binade).to(tl.int32, bitcast=True) \
-        + (ax > tl.load(map_ptr + NEXT_T + binade)).to(tl.int32)
+    k = _lookup(map_ptr + BELOW, binade, SHARED, 32).to(tl.int32, bitcast=True) \
+        + (ax > _lookup(map_ptr + NEXT_T, binade, SHARED, 32)).to(tl.int32)
     if SIGNED:
         n = 1 << k
         first = 127 + n  # index of the decade's first mean
