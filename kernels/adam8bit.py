@@ -32,9 +32,16 @@ LAUNCH = {torch.float32: (4, 4), torch.bfloat16: (8, 4), torch.float16: (8, 4)}
 LUT_SHARED = True
 
 
+# The requantization's code search: from a table of buckets of |x| (True) or the decade arithmetic
+# (False); read at launch, swept.
+BUCKETS = True
+
 # Where each part of a map table (StateMaps) starts, in float32 slots (constexpr: read by the kernel).
-MIDS, NEXT_T, BELOW = (tl.constexpr(v) for v in (256, 512, 544))
-TABLE = 576
+MIDS, NEXT_T, BELOW, CAND = (tl.constexpr(v) for v in (256, 512, 544, 576))
+# Buckets of |x|: 128 per binade (the top 7 mantissa bits) over the 32 binades from 2**-31 to [1, 2),
+# each bucket's first candidate code packed four to a 32-bit word.
+N_BUCKETS, BUCKET_BASE = tl.constexpr(4096), tl.constexpr((127 - 31) << 7)
+TABLE = 576 + 1024
 LOG2_10 = tl.constexpr(3.321928094887362)
 
 
@@ -47,6 +54,17 @@ def _lookup(table_ptr, idx, SHARED: tl.constexpr, SIZE: tl.constexpr = 256):
         table = tl.load(table_ptr + tl.arange(0, SIZE))
         return tl.reshape(tl.gather(table, tl.reshape(idx, [idx.numel]), 0), idx.shape)
     return tl.load(table_ptr + idx)
+
+
+@triton.jit
+def _bucket_index(ax, map_ptr, SHARED: tl.constexpr):
+    """_magnitude_index from the bucket table: no bucket holds more than one midpoint of the map
+    (checked when the table is built), so the bucket's first code or the one after it is the
+    nearest, and that code's upper midpoint settles it."""
+    b = tl.minimum(tl.maximum((ax.to(tl.int32, bitcast=True) >> 16) - BUCKET_BASE, 0), N_BUCKETS - 1)
+    word = _lookup(map_ptr + CAND, b >> 2, SHARED, N_BUCKETS // 4).to(tl.int32, bitcast=True)
+    guess = (word >> ((b & 3) * 8)) & 255
+    return guess + (ax > _lookup(map_ptr + MIDS, guess, SHARED)).to(tl.int32)
 
 
 @triton.jit
@@ -82,12 +100,16 @@ def _magnitude_index(ax, map_ptr, Z, E0, SIGNED: tl.constexpr, SHARED: tl.conste
 
 
 @triton.jit
-def _quantize_rows(s, absmax, map_ptr, Z, E0, SIGNED: tl.constexpr, SHARED: tl.constexpr):
+def _quantize_rows(s, absmax, map_ptr, Z, E0, SIGNED: tl.constexpr, SHARED: tl.constexpr, BUCKETS: tl.constexpr):
     """uint8 codes of the rows of s scaled by their absmax; the negative half mirrors the positive
     one (ties to the smaller magnitude), and a negative first moment never rounds to +0."""
     inv = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax), 0.0)
     x = s * inv[:, None]
-    idx = _magnitude_index(tl.abs(x) if SIGNED else x, map_ptr, Z, E0, SIGNED, SHARED)  # the second moment is >= 0
+    ax = tl.abs(x) if SIGNED else x  # the second moment is >= 0
+    if BUCKETS:
+        idx = _bucket_index(ax, map_ptr, SHARED)
+    else:
+        idx = _magnitude_index(ax, map_ptr, Z, E0, SIGNED, SHARED)
     if SIGNED:  # mirrored: 127 + i -> 127 - i, but 127 (zero) -> 126 and 255 (one) -> 0
         idx = tl.where(x < 0, tl.minimum(tl.maximum(254 - idx, 0), 126), idx)
     return idx.to(tl.uint8)
@@ -142,7 +164,8 @@ def _load_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, first, numel, EIGHT
 def _update_tile(p, g, m1, m2, a1, a2, p_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr, first, numel,
                  beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, Z1, E1, Z2, E2,
                  P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 MASKED: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                 MASKED: tl.constexpr, SHARED: tl.constexpr, BUCKETS: tl.constexpr, NB: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr):
     """The step of NB blocks loaded by _load_tile: update, store the parameter and the requantized
     moments (or float32 moments) with their new absmax."""
     rows, offs, mask, row_mask = _tile(first, numel, MASKED, NB, BLOCK_SIZE)
@@ -169,8 +192,8 @@ def _update_tile(p, g, m1, m2, a1, a2, p_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, ma
     if EIGHT_BIT:
         n1 = tl.max(tl.abs(s1), axis=1)
         n2 = tl.max(tl.abs(s2), axis=1)
-        _store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, Z1, E1, True, SHARED), mask, MASKED)
-        _store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, Z2, E2, False, SHARED), mask, MASKED)
+        _store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, Z1, E1, True, SHARED, BUCKETS), mask, MASKED)
+        _store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, Z2, E2, False, SHARED, BUCKETS), mask, MASKED)
         _store(a1_ptr + rows, n1, row_mask, MASKED)
         _store(a2_ptr + rows, n2, row_mask, MASKED)
     else:
@@ -209,8 +232,8 @@ def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, 
                  beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
                  Z1, E1, Z2, E2,
                  P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr):
+                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, SHARED: tl.constexpr, BUCKETS: tl.constexpr,
+                 NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """One work item per program; unmasked (vectorized) loads and stores except for a tensor's last,
     partial run of blocks."""
     slot, first = _item(work_ptr, tl.program_id(0))
@@ -221,12 +244,12 @@ def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, 
         vp, vg, m1, m2, v1, v2 = _load_tile(p_ptr, g_ptr, s1, s2, a1, a2, first, numel, EIGHT_BIT, False, NB, BLOCK_SIZE)
         _update_tile(vp, vg, m1, m2, v1, v2, p_ptr, s1, s2, a1, a2, map1_ptr, map2_ptr, first, numel, beta1, beta2,
                      one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE,
-                     EIGHT_BIT, USE_L2, USE_DECAY, False, SHARED, NB, BLOCK_SIZE)
+                     EIGHT_BIT, USE_L2, USE_DECAY, False, SHARED, BUCKETS, NB, BLOCK_SIZE)
     else:
         vp, vg, m1, m2, v1, v2 = _load_tile(p_ptr, g_ptr, s1, s2, a1, a2, first, numel, EIGHT_BIT, True, NB, BLOCK_SIZE)
         _update_tile(vp, vg, m1, m2, v1, v2, p_ptr, s1, s2, a1, a2, map1_ptr, map2_ptr, first, numel, beta1, beta2,
                      one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE,
-                     EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
+                     EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, BUCKETS, NB, BLOCK_SIZE)
 
 
 class StateMaps(NamedTuple):
@@ -268,7 +291,26 @@ def _map_table(code: torch.Tensor, signed: bool) -> tuple[torch.Tensor, float, i
         if inside:
             table[next_at + b] = inside[0]
     table[below_at:below_at + 32] = below.view(torch.float32)
+    table[CAND.value:] = _bucket_words(mids, zero).view(torch.float32)
     return table, float(mids[zero]), e0
+
+
+def _bucket_words(mids: torch.Tensor, zero: int) -> torch.Tensor:
+    """_bucket_index's table: for each bucket of |x| the index of the nearest code at its lower
+    end (the zero code plus the half's midpoints below it), four uint8 to an int32 word. Buckets
+    below the first clamp to it and those above the last to it, so the first spans [0, ...) and
+    the last [..., inf)."""
+    half = mids[zero:]  # float32 midpoints of the non-negative half, ascending (then +inf: index 255)
+    first, n = (BUCKET_BASE.value, N_BUCKETS.value)
+    lo = (torch.arange(first, first + n, dtype=torch.int32) << 16).view(torch.float32)
+    below = torch.searchsorted(half, lo, side="left")  # midpoints < lo
+    below[0] = 0
+    upto = torch.cat([below[1:], torch.tensor([len(half)])])  # midpoints < the next bucket's lo
+    assert int((upto - below).max()) <= 1, "a bucket holds two midpoints"
+    cand = (zero + below).to(torch.int32)
+    assert int(cand.max()) <= 255
+    packed = cand.view(-1, 4) << torch.tensor([0, 8, 16, 24], dtype=torch.int32)
+    return packed.sum(1, dtype=torch.int64).to(torch.int64).bitwise_and(0xFFFFFFFF).to(torch.int32)
 
 
 def work_list(numels: list[int], device: torch.device, blocks_per_program: int) -> torch.Tensor:
@@ -310,7 +352,7 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
             state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy,
             maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
             maps.zero1, maps.binade1, maps.zero2, maps.binade2)
-    consts = (TL_DTYPES[p_base.dtype], eight_bit, l2 != 0.0, decay != 1.0, per_tensor, align, LUT_SHARED,
+    consts = (TL_DTYPES[p_base.dtype], eight_bit, l2 != 0.0, decay != 1.0, per_tensor, align, LUT_SHARED, BUCKETS,
               launch[0], BLOCK)
     _launch((work.shape[0],), args, consts, launch[1], p_base)
 
@@ -339,7 +381,8 @@ def _launch(grid: tuple[int], args: tuple, consts: tuple, warps: int, p_base: to
             return
         except TypeError:  # not launched: this Triton's launcher wants other arguments
             _COMPILED = None
-    names = ("P_DTYPE", "EIGHT_BIT", "USE_L2", "USE_DECAY", "PER_TENSOR_STEP", "ALIGN", "SHARED", "NB", "BLOCK_SIZE")
+    names = ("P_DTYPE", "EIGHT_BIT", "USE_L2", "USE_DECAY", "PER_TENSOR_STEP", "ALIGN", "SHARED", "BUCKETS", "NB",
+             "BLOCK_SIZE")
     compiled = _adam_kernel[grid](*args, **dict(zip(names, consts)), num_warps=warps)
     if _COMPILED is not None and p_base.is_cuda and hasattr(compiled, "run"):
         _COMPILED[key] = compiled

@@ -27,9 +27,10 @@ def _random_state(p, eight_bit):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("eight_bit", [True, False])
 @pytest.mark.parametrize("decoupled", [True, False])
-@pytest.mark.parametrize("lut_shared", [True, False])
-def test_kernel_matches_reference(dtype, eight_bit, decoupled, lut_shared, monkeypatch):
+@pytest.mark.parametrize("lut_shared, buckets", [(True, True), (False, True), (True, False), (False, False)])
+def test_kernel_matches_reference(dtype, eight_bit, decoupled, lut_shared, buckets, monkeypatch):
     monkeypatch.setattr(kernel, "LUT_SHARED", lut_shared)
+    monkeypatch.setattr(kernel, "BUCKETS", buckets)
     sizes = [4096, 5000, 256 * 9 + 7, 300] if DEVICE == "cpu" else [4096 * 64, 64 * 4096, 1_000_003, 300]
     params = [torch.randn(n, device=DEVICE).to(dtype) for n in sizes]
     grads = [torch.randn(n, device=DEVICE).to(dtype) * 1e-2 for n in sizes]
