@@ -32,17 +32,13 @@ LAUNCH = {torch.float32: (4, 4), torch.bfloat16: (8, 4), torch.float16: (8, 4)}
 LUT_SHARED = True
 
 
-# The requantization's code search: from a table of buckets of |x| (True) or the decade arithmetic
-# (False); read at launch, swept.
-BUCKETS = True
-
-# Where each part of a map table (StateMaps) starts, in float32 slots (constexpr: read by the kernel).
-MIDS, NEXT_T, BELOW, CAND = (tl.constexpr(v) for v in (256, 512, 544, 576))
-# Buckets of |x|: 128 per binade (the top 7 mantissa bits) over the 32 binades from 2**-31 to [1, 2),
-# each bucket's first candidate code packed four to a 32-bit word.
+# Where each part of a map table (StateMaps) starts, in float32 slots (constexpr: read by the kernel):
+# the 256 codes, their 255 midpoints (+inf last), then the requantization's buckets of |x|: 128 per
+# binade (the float's top 7 mantissa bits) over the 32 binades from 2**-31 to [1, 2), each bucket's
+# first candidate code, packed four to a 32-bit word.
+MIDS, CAND = tl.constexpr(256), tl.constexpr(512)
 N_BUCKETS, BUCKET_BASE = tl.constexpr(4096), tl.constexpr((127 - 31) << 7)
-TABLE = 576 + 1024
-LOG2_10 = tl.constexpr(3.321928094887362)
+TABLE = 512 + 1024
 
 
 @triton.jit
@@ -57,10 +53,12 @@ def _lookup(table_ptr, idx, SHARED: tl.constexpr, SIZE: tl.constexpr = 256):
 
 
 @triton.jit
-def _bucket_index(ax, map_ptr, SHARED: tl.constexpr):
-    """_magnitude_index from the bucket table: no bucket holds more than one midpoint of the map
-    (checked when the table is built), so the bucket's first code or the one after it is the
-    nearest, and that code's upper midpoint settles it."""
+def _magnitude_index(ax, map_ptr, SHARED: tl.constexpr):
+    """Index of the nearest entry of the map's non-negative half to ax >= 0, ties to the smaller:
+    127..255 (signed map) or 0..255 (unsigned). No bucket of |x| holds more than one midpoint of
+    the map (checked when the table is built), so the bucket's first candidate or the code after
+    it is the nearest, and the candidate's upper midpoint settles it. (Measured on an H100 against
+    the decade arithmetic it replaced: 1.45 vs 1.49 ms fp32, 1.06 vs 1.15 ms bf16 per step.)"""
     b = tl.minimum(tl.maximum((ax.to(tl.int32, bitcast=True) >> 16) - BUCKET_BASE, 0), N_BUCKETS - 1)
     word = _lookup(map_ptr + CAND, b >> 2, SHARED, N_BUCKETS // 4).to(tl.int32, bitcast=True)
     guess = (word >> ((b & 3) * 8)) & 255
@@ -68,48 +66,12 @@ def _bucket_index(ax, map_ptr, SHARED: tl.constexpr):
 
 
 @triton.jit
-def _magnitude_index(ax, map_ptr, Z, E0, SIGNED: tl.constexpr, SHARED: tl.constexpr):
-    """Index of the nearest entry of the map's non-negative half to ax >= 0, ties to the smaller:
-    127..255 (signed map) or 0..255 (unsigned).
-
-    That half holds 0, then for decades k = 0..6 n = 2**k (signed) or 2**(k+1) (unsigned) evenly
-    spaced means of [1e(k-7), 1e(k-6)), then 1. The decade k is the count of the map's decade
-    thresholds below ax: from ax's binade, those below it (a table) plus the one inside it, if any.
-    Within the decade a linear guess biased low, j = floor(ax * 10**(6-k) * n / 0.9 - n / 9 - 1e-3),
-    is the answer or the one below, and one midpoint settles it. (Measured on an H100 against six
-    threshold comparisons and against tables for the guess's constants: as fast or faster.)"""
-    binade = tl.minimum(tl.maximum((ax.to(tl.int32, bitcast=True) >> 23) - E0, 0), 31)
-    k = _lookup(map_ptr + BELOW, binade, SHARED, 32).to(tl.int32, bitcast=True) \
-        + (ax > _lookup(map_ptr + NEXT_T, binade, SHARED, 32)).to(tl.int32)
-    if SIGNED:
-        n = 1 << k
-        first = 127 + n  # index of the decade's first mean
-        zero = 127
-        log2_n0 = 0.0
-    else:
-        n = 2 << k
-        first = n - 1
-        zero = 0
-        log2_n0 = 1.0
-    # log2(scale) = 6 log2(10) - log2(0.9) + log2(n) - k log2(10), log2(n) = k (+1 unsigned)
-    scale = tl.exp2(k.to(tl.float32) * (1.0 - LOG2_10) + (6 * LOG2_10 + 0.15200309344504997 + log2_n0))
-    j = (ax * scale + (n.to(tl.float32) * (-1.0 / 9.0) - 1e-3)).to(tl.int32)  # truncation: floor for j >= 0
-    j = tl.minimum(tl.maximum(j, 0), n - 1)
-    guess = tl.where(ax <= Z, zero, first + j)
-    return guess + (ax > _lookup(map_ptr + MIDS, guess, SHARED)).to(tl.int32)
-
-
-@triton.jit
-def _quantize_rows(s, absmax, map_ptr, Z, E0, SIGNED: tl.constexpr, SHARED: tl.constexpr, BUCKETS: tl.constexpr):
+def _quantize_rows(s, absmax, map_ptr, SIGNED: tl.constexpr, SHARED: tl.constexpr):
     """uint8 codes of the rows of s scaled by their absmax; the negative half mirrors the positive
     one (ties to the smaller magnitude), and a negative first moment never rounds to +0."""
     inv = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax), 0.0)
     x = s * inv[:, None]
-    ax = tl.abs(x) if SIGNED else x  # the second moment is >= 0
-    if BUCKETS:
-        idx = _bucket_index(ax, map_ptr, SHARED)
-    else:
-        idx = _magnitude_index(ax, map_ptr, Z, E0, SIGNED, SHARED)
+    idx = _magnitude_index(tl.abs(x) if SIGNED else x, map_ptr, SHARED)  # the second moment is >= 0
     if SIGNED:  # mirrored: 127 + i -> 127 - i, but 127 (zero) -> 126 and 255 (one) -> 0
         idx = tl.where(x < 0, tl.minimum(tl.maximum(254 - idx, 0), 126), idx)
     return idx.to(tl.uint8)
@@ -162,10 +124,9 @@ def _load_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, first, numel, EIGHT
 
 @triton.jit
 def _update_tile(p, g, m1, m2, a1, a2, p_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr, first, numel,
-                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, Z1, E1, Z2, E2,
+                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
                  P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 MASKED: tl.constexpr, SHARED: tl.constexpr, BUCKETS: tl.constexpr, NB: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr):
+                 MASKED: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """The step of NB blocks loaded by _load_tile: update, store the parameter and the requantized
     moments (or float32 moments) with their new absmax."""
     rows, offs, mask, row_mask = _tile(first, numel, MASKED, NB, BLOCK_SIZE)
@@ -192,8 +153,8 @@ def _update_tile(p, g, m1, m2, a1, a2, p_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, ma
     if EIGHT_BIT:
         n1 = tl.max(tl.abs(s1), axis=1)
         n2 = tl.max(tl.abs(s2), axis=1)
-        _store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, Z1, E1, True, SHARED, BUCKETS), mask, MASKED)
-        _store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, Z2, E2, False, SHARED, BUCKETS), mask, MASKED)
+        _store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, True, SHARED), mask, MASKED)
+        _store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, False, SHARED), mask, MASKED)
         _store(a1_ptr + rows, n1, row_mask, MASKED)
         _store(a2_ptr + rows, n2, row_mask, MASKED)
     else:
@@ -230,10 +191,9 @@ def _tensor(slot, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off
 def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr,
                  s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
                  beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
-                 Z1, E1, Z2, E2,
                  P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, SHARED: tl.constexpr, BUCKETS: tl.constexpr,
-                 NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                 PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr):
     """One work item per program; unmasked (vectorized) loads and stores except for a tensor's last,
     partial run of blocks."""
     slot, first = _item(work_ptr, tl.program_id(0))
@@ -243,60 +203,39 @@ def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, 
     if (first + NB) * BLOCK_SIZE <= numel:
         vp, vg, m1, m2, v1, v2 = _load_tile(p_ptr, g_ptr, s1, s2, a1, a2, first, numel, EIGHT_BIT, False, NB, BLOCK_SIZE)
         _update_tile(vp, vg, m1, m2, v1, v2, p_ptr, s1, s2, a1, a2, map1_ptr, map2_ptr, first, numel, beta1, beta2,
-                     one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE,
-                     EIGHT_BIT, USE_L2, USE_DECAY, False, SHARED, BUCKETS, NB, BLOCK_SIZE)
+                     one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, P_DTYPE,
+                     EIGHT_BIT, USE_L2, USE_DECAY, False, SHARED, NB, BLOCK_SIZE)
     else:
         vp, vg, m1, m2, v1, v2 = _load_tile(p_ptr, g_ptr, s1, s2, a1, a2, first, numel, EIGHT_BIT, True, NB, BLOCK_SIZE)
         _update_tile(vp, vg, m1, m2, v1, v2, p_ptr, s1, s2, a1, a2, map1_ptr, map2_ptr, first, numel, beta1, beta2,
-                     one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, Z1, E1, Z2, E2, P_DTYPE,
-                     EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, BUCKETS, NB, BLOCK_SIZE)
+                     one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, P_DTYPE,
+                     EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
 
 
 class StateMaps(NamedTuple):
-    """Each 8-bit map as one float32 table on the device (codes, midpoints, then the decade
-    tables of _magnitude_index, laid out as MIDS..TABLE say) with two host numbers: the midpoint
-    under which |x| rounds to 0 and the biased float32 exponent where the binade table starts."""
+    """Each 8-bit map as one float32 table on the device: codes, midpoints, then the buckets of
+    _magnitude_index, laid out as MIDS and CAND say."""
 
     table1: torch.Tensor  # signed
     table2: torch.Tensor  # unsigned
-    zero1: float
-    binade1: int
-    zero2: float
-    binade2: int
 
     @classmethod
     def build(cls, signed: torch.Tensor, unsigned: torch.Tensor, device: torch.device) -> StateMaps:
         """From the two sorted float32 maps (256 values each)."""
-        t1, z1, e1 = _map_table(signed, True)
-        t2, z2, e2 = _map_table(unsigned, False)
-        return cls(t1.to(device), t2.to(device), z1, e1, z2, e2)
+        return cls(_map_table(signed, True).to(device), _map_table(unsigned, False).to(device))
 
 
-def _map_table(code: torch.Tensor, signed: bool) -> tuple[torch.Tensor, float, int]:
-    """(table, zero threshold, first binade) of one map for _magnitude_index."""
+def _map_table(code: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The table of one map (StateMaps)."""
     mids = (code[:-1] + code[1:]) * 0.5  # float32, as the reference computes them
-    zero = 127 if signed else 0
-    first = [127 + (1 << k) if signed else (2 << k) - 1 for k in range(7)]  # each decade's first index
-    starts = [float(mids[i - 1]) for i in first[1:]]  # |x| above these: decade 1..6 (float32 values)
-    e0 = int(torch.tensor(starts[0], dtype=torch.float32).view(torch.int32)) >> 23
     table = torch.full((TABLE,), float("inf"), dtype=torch.float32)
-    mids_at, next_at, below_at = (v.value for v in (MIDS, NEXT_T, BELOW))
-    table[:256], table[mids_at:mids_at + 255] = code, mids
-    below = torch.zeros(32, dtype=torch.int32)
-    for b in range(32):  # binade e0 + b holds [lo, 2 * lo)
-        lo = float(torch.tensor((e0 + b) << 23, dtype=torch.int32).view(torch.float32))
-        below[b] = sum(t < lo for t in starts)
-        inside = [t for t in starts if lo <= t < 2 * lo]
-        assert len(inside) <= 1, "two decade thresholds in one binade"
-        if inside:
-            table[next_at + b] = inside[0]
-    table[below_at:below_at + 32] = below.view(torch.float32)
-    table[CAND.value:] = _bucket_words(mids, zero).view(torch.float32)
-    return table, float(mids[zero]), e0
+    table[:256], table[MIDS.value:MIDS.value + 255] = code, mids
+    table[CAND.value:] = _bucket_words(mids, 127 if signed else 0).view(torch.float32)
+    return table
 
 
 def _bucket_words(mids: torch.Tensor, zero: int) -> torch.Tensor:
-    """_bucket_index's table: for each bucket of |x| the index of the nearest code at its lower
+    """_magnitude_index's table: for each bucket of |x| the index of the nearest code at its lower
     end (the zero code plus the half's midpoints below it), four uint8 to an int32 word. Buckets
     below the first clamp to it and those above the last to it, so the first spans [0, ...) and
     the last [..., inf)."""
@@ -350,10 +289,9 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
     step_size, eps_hat = (0.0, 0.0) if per_tensor else scalars
     args = (work, p_base, p_offs, g_offs, numels, elem_offs, block_offs, scalars if per_tensor else maps.table1,
             state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy,
-            maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat,
-            maps.zero1, maps.binade1, maps.zero2, maps.binade2)
-    consts = (TL_DTYPES[p_base.dtype], eight_bit, l2 != 0.0, decay != 1.0, per_tensor, align, LUT_SHARED, BUCKETS,
-              launch[0], BLOCK)
+            maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat)
+    consts = (TL_DTYPES[p_base.dtype], eight_bit, l2 != 0.0, decay != 1.0, per_tensor, align, LUT_SHARED, launch[0],
+              BLOCK)
     _launch((work.shape[0],), args, consts, launch[1], p_base)
 
 
@@ -381,8 +319,7 @@ def _launch(grid: tuple[int], args: tuple, consts: tuple, warps: int, p_base: to
             return
         except TypeError:  # not launched: this Triton's launcher wants other arguments
             _COMPILED = None
-    names = ("P_DTYPE", "EIGHT_BIT", "USE_L2", "USE_DECAY", "PER_TENSOR_STEP", "ALIGN", "SHARED", "BUCKETS", "NB",
-             "BLOCK_SIZE")
+    names = ("P_DTYPE", "EIGHT_BIT", "USE_L2", "USE_DECAY", "PER_TENSOR_STEP", "ALIGN", "SHARED", "NB", "BLOCK_SIZE")
     compiled = _adam_kernel[grid](*args, **dict(zip(names, consts)), num_warps=warps)
     if _COMPILED is not None and p_base.is_cuda and hasattr(compiled, "run"):
         _COMPILED[key] = compiled

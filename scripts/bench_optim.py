@@ -84,22 +84,18 @@ def competitors(sweep: bool):
     import qtune.optim
     from qtune.kernels import adam8bit
 
-    default_launch, default_shared, default_buckets = dict(adam8bit.LAUNCH), adam8bit.LUT_SHARED, adam8bit.BUCKETS
+    default_launch, default_shared = dict(adam8bit.LAUNCH), adam8bit.LUT_SHARED
 
-    def qtune_with(launch, shared, paged=False, buckets=None):
+    def qtune_with(launch, shared, paged=False):
         def build(ps):  # every dtype's launch shape set to `launch` (None: the defaults)
             adam8bit.LAUNCH = {dt: launch or default_launch[dt] for dt in default_launch}
             adam8bit.LUT_SHARED = shared
-            adam8bit.BUCKETS = default_buckets if buckets is None else buckets
             return qtune.optim.AdamW8bit(ps, lr=1e-4, paged=paged)
         return build
 
-    # launch shape x lookups (shared memory or L1) x code search (bucket table or decade arithmetic)
-    shapes = [((nb, w), sh, bk) for bk in (True, False) for sh in (True, False)
-              for nb, w in ((2, 4), (4, 4), (8, 4), (8, 8)) if sh or nb != 8 or w != 8]
-    for launch, shared, buckets in (shapes if sweep else []):
-        yield (f"qtune nb={launch[0]} w={launch[1]} {'smem' if shared else 'L1'} {'buckets' if buckets else 'decades'}",
-               qtune_with(launch, shared, buckets=buckets))
+    shapes = [((nb, w), sh) for sh in (True, False) for nb, w in ((2, 4), (4, 4), (8, 4), (4, 8), (8, 8))]
+    for launch, shared in (shapes if sweep else []):
+        yield f"qtune nb={launch[0]} w={launch[1]} {'smem' if shared else 'L1'}", qtune_with(launch, shared)
     yield "qtune AdamW8bit", qtune_with(None, default_shared)
     yield "qtune AdamW8bit paged", qtune_with(None, default_shared, paged=True)  # states in host memory
     yield "torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)

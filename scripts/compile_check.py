@@ -84,7 +84,7 @@ def main() -> None:
            "scal_ptr": "*fp32", "s1_ptr": "*u8", "s2_ptr": "*u8", "a1_ptr": "*fp32", "a2_ptr": "*fp32",
            "map1_ptr": "*fp32", "map2_ptr": "*fp32",
            **{n: "fp32" for n in ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "decay", "l2", "step_size",
-                                  "eps_hat")}, "Z1": "fp32", "E1": "i32", "Z2": "fp32", "E2": "i32"}
+                                  "eps_hat")}}
     for arch, dt in itertools.product((90, 75), (tl.float32, tl.bfloat16, tl.float16)):
         if arch == 75 and dt == tl.bfloat16:
             continue

@@ -70,8 +70,9 @@ def adam_step(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, beta1
     step_size, eps_hat = (torch.tensor(v, dtype=torch.float32).item() for v in step_scalars(lr, beta1, beta2, eps, step))
     eight_bit = "absmax1" in state
     pf, gf = p.detach().reshape(-1).float(), g.reshape(-1).float()
-    if weight_decay and not decoupled:
-        gf = gf + weight_decay * pf
+    if weight_decay and not decoupled:  # rounded once, as the kernel's fused multiply-add does
+        wd32 = torch.tensor(weight_decay, dtype=torch.float32).double()
+        gf = (gf.double() + wd32 * pf.double()).float()
     finite = torch.isfinite(gf)
     gf = torch.where(finite, gf, torch.zeros_like(gf))
     if eight_bit:

@@ -27,10 +27,9 @@ def _random_state(p, eight_bit):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("eight_bit", [True, False])
 @pytest.mark.parametrize("decoupled", [True, False])
-@pytest.mark.parametrize("lut_shared, buckets", [(True, True), (False, True), (True, False), (False, False)])
-def test_kernel_matches_reference(dtype, eight_bit, decoupled, lut_shared, buckets, monkeypatch):
+@pytest.mark.parametrize("lut_shared", [True, False])
+def test_kernel_matches_reference(dtype, eight_bit, decoupled, lut_shared, monkeypatch):
     monkeypatch.setattr(kernel, "LUT_SHARED", lut_shared)
-    monkeypatch.setattr(kernel, "BUCKETS", buckets)
     sizes = [4096, 5000, 256 * 9 + 7, 300] if DEVICE == "cpu" else [4096 * 64, 64 * 4096, 1_000_003, 300]
     params = [torch.randn(n, device=DEVICE).to(dtype) for n in sizes]
     grads = [torch.randn(n, device=DEVICE).to(dtype) * 1e-2 for n in sizes]
@@ -72,9 +71,9 @@ def test_kernel_matches_reference(dtype, eight_bit, decoupled, lut_shared, bucke
         ref.adam_step(p, g, s, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, decoupled=decoupled, step=st)
     got_p = torch.cat([p.float() for p in kp])
     want_p = torch.cat([p.float() for p in params])
-    # float32 rounding apart: within 2 ulps of the parameter dtype plus 1e-3 of the step taken (the
-    # kernel contracts g + l2*p into an FMA; where the two nearly cancel, the step's relative
-    # rounding grows to ~1e-3); 16-bit params rarely differ at all
+    # float32 rounding apart: within 2 ulps of the parameter dtype plus 1e-3 of the step taken (both
+    # round g + l2*p once, as an FMA; where the two nearly cancel, what rounding is left in the
+    # step grows relative to it); 16-bit params rarely differ at all
     before = torch.cat([p.float() for p in params_before])
     # (2 ulps of the larger of the old and new value: where the decay nearly cancels the step, the
     # FMA's rounding is relative to the parameter, not to the small change)
