@@ -201,7 +201,8 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
     """Few rows of X on CUDA cores: each program reads BLOCK_N rows of W once, BLOCK_K values (several
     absmax blocks, contiguous bytes) per step, for all BLOCK_M rows of X; float32 throughout. The
     nibbles are looked up as _lookup's LUT kind says (through L1, the 64-byte table is one cache
-    line: a warp's lookups are served at once; no pipelining to turn them into copies)."""
+    line: a warp's lookups are served at once; launched unpipelined so they stay lookups, with the
+    next step's bytes and absmax loaded by hand while this step computes)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -213,13 +214,18 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
     offset = tl.load(offset_ptr) if NESTED else 0.0
     table = _code_table(code_ptr, BLOCK_N, 1, LUT, tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides K: only whole rows are masked (loads vectorize)
-        byte = tl.load(packed_ptr + rn.to(tl.int64)[:, None] * stride_wn + k0 // 2 + hk[None, :],
-                       mask=n_mask[:, None], other=0)
+    w_bytes = packed_ptr + rn.to(tl.int64)[:, None] * stride_wn + hk[None, :]
+    blk0 = rn.to(tl.int64)[:, None] * blocks_per_row + bk[None, :]
+    # Every global load of step k0 + BLOCK_K is issued before step k0 computes (one step of lookahead;
+    # BLOCK_K divides K: only whole rows are masked, so the loads vectorize).
+    byte = tl.load(w_bytes, mask=n_mask[:, None], other=0)
+    stored = tl.load(absmax_ptr + blk0, mask=n_mask[:, None], other=0)
+    for k0 in range(0, K, BLOCK_K):
+        kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)  # the last step reloads itself and uses nothing
+        byte_n = tl.load(w_bytes + kn // 2, mask=n_mask[:, None], other=0)
+        stored_n = tl.load(absmax_ptr + blk0 + kn // BS, mask=n_mask[:, None], other=0)
         hi, lo = _lookup(code_ptr, table, byte, 1, LUT, tl.float32)  # (BLOCK_N, BLOCK_K / 2)
-        blk = rn.to(tl.int64)[:, None] * blocks_per_row + k0 // BS + bk[None, :]
-        am = _absmax(tl.load(absmax_ptr + blk, mask=n_mask[:, None], other=0), blk, n_mask[:, None],
-                     nested_absmax_ptr, nested_code_ptr, offset, NESTED)
+        am = _absmax(stored, blk0 + k0 // BS, n_mask[:, None], nested_absmax_ptr, nested_code_ptr, offset, NESTED)
         for i in tl.static_range(BLOCK_M):  # each row of X against the decoded tile
             r = tl.minimum(pid_m * BLOCK_M + i, M - 1)  # rows past M repeat the last; their stores are masked
             xv = tl.load(x_ptr + r.to(tl.int64) * stride_xm + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
@@ -228,6 +234,7 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
             part = tl.sum(prod.reshape(BLOCK_N, BLOCK_K // BS, BS // 2), axis=2)  # per absmax block
             row = tl.sum(part * am, axis=1)
             acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, row[None, :], 0.0)
+        byte, stored = byte_n, stored_n
     _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
 
 
