@@ -126,11 +126,11 @@ def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, int]]:
     return ([(bm, bn, bk, w, lut) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (2, 4) for lut in (1, 2)])
 
 
-def sweep_gemv(rows: list) -> None:
+def sweep_gemv(rows: list, ms: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:
     """The GEMV's launch configs at few rows, against the tiled fused kernel and dequantize + cuBLAS."""
     _, q, _ = layers()
     s = q.quant_state
-    for m in (1, 2, 4, 8, 16):
+    for m in ms:
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         want = mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=_config_for(m)).float()
         t_k = bench(lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=_config_for(m)))
@@ -187,9 +187,9 @@ def _config_for(m: int):
     return mm._config(m, torch.bfloat16)
 
 
-def sweep(rows: list, ms: tuple[int, ...] = (1, 16, 32, 64, 128, 256)) -> None:
+def sweep(rows: list, ms: tuple[int, ...] = (1, 16, 32, 64, 128, 256), gemv_ms: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:
     """Launch configs of the fused kernels against dequantize + cuBLAS, per M."""
-    sweep_gemv(rows)
+    sweep_gemv(rows, gemv_ms)
     _, q, _ = layers()
     s = q.quant_state
     for m in ms:
@@ -222,8 +222,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="search the fused kernels' launch configs per M")
     ap.add_argument("--sweep-formats", action="store_true", help="search dequantize's and quantize's launch shapes")
-    ap.add_argument("--sweep-m", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256],
-                    help="the rows --sweep tries (each M compiles and times tens of configs)")
+    ap.add_argument("--sweep-m", type=int, nargs="*", default=[1, 16, 32, 64, 128, 256],
+                    help="the rows --sweep tries with the tiled kernel (each M compiles and times tens of configs)")
+    ap.add_argument("--sweep-gemv-m", type=int, nargs="*", default=[1, 2, 4, 8, 16],
+                    help="the rows --sweep tries with the GEMV")
     ap.add_argument("--parts", nargs="+", choices=["formats", "matmul", "int8"], default=["formats", "matmul", "int8"],
                     help="which tables to measure (default: all)")
     args = ap.parse_args()
@@ -234,7 +236,7 @@ def main() -> None:
           f"bitsandbytes {bnb.__version__}")
     rows: list = []
     if args.sweep:
-        sweep(rows, tuple(args.sweep_m))
+        sweep(rows, tuple(args.sweep_m), tuple(args.sweep_gemv_m))
     else:
         bw = copy_bandwidth()
         rows.append({"op": "copy", "gbs": bw})
