@@ -123,7 +123,7 @@ def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
 def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, LUT kind) for the CUDA-core GEMV."""
     bm = min(m, 8)
-    return ([(bm, bn, bk, w, lut) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (2, 4) for lut in (1, 2)])
+    return ([(bm, bn, bk, w, lut) for bn in (8, 16, 32) for bk in (512, 1024) for w in (4, 8) for lut in (0, 1, 2)])
 
 
 def sweep_gemv(rows: list, ms: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:
