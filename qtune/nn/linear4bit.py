@@ -16,9 +16,13 @@ COMPUTE_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradient checks
 # large operand (Y forward, dX backward): with few rows (a 13B MLP's weight is 135 MiB against 10-27
 # MiB of activations at 1,024 tokens) the weight copy is the memory spike on top of the step's peak,
 # in recomputation and backward. With many rows the activations dominate, and pieces are not worth
-# their extra passes (dX is accumulated over them).
+# their extra passes (dX is accumulated over them). Under PIECE_MIN_OTHER elements of Y or dX the
+# product is host-bound, a launch pair per piece shows (scripts/bench_kernels.py on an H100: M=256
+# forward 463 us in pieces against 136 whole; forward + dX at M=1 1.38 ms), and activations that
+# small do not make the step's peak: whole weights there.
 PIECE = 2**24
 PIECE_RATIO = 4
+PIECE_MIN_OTHER = 2**22
 
 
 def _fused(t: torch.Tensor, state: QuantState, backward: bool):
@@ -73,8 +77,9 @@ class Matmul4bit(torch.autograd.Function):
 
 def _piece_rows(packed: torch.Tensor, state: QuantState, other: int) -> int:
     """Rows of W per decoded piece: all of them unless, on the kernel path, the decoded weight would be
-    over PIECE_RATIO times `other` elements (the product's other large operand)."""
-    if not use_kernel(packed) or state.numel <= PIECE_RATIO * other:
+    over PIECE_RATIO times `other` elements (the product's other large operand), itself at least
+    PIECE_MIN_OTHER."""
+    if not use_kernel(packed) or other < PIECE_MIN_OTHER or state.numel <= PIECE_RATIO * other:
         return state.shape[0]
     return row_chunk(state, PIECE)
 

@@ -206,6 +206,7 @@ def test_products_in_row_pieces_match_whole_weight(monkeypatch, shape, blocksize
 
     monkeypatch.setenv("QTUNE_BACKEND", "triton")  # the kernel path, in the interpreter on the CPU
     monkeypatch.setattr(linear4bit, "PIECE", piece)
+    monkeypatch.setattr(linear4bit, "PIECE_MIN_OTHER", 1)  # these products are tiny
     torch.manual_seed(shape[0])
     packed, state = quantize_4bit(torch.randn(shape), blocksize=blocksize, double_quant=nested)
     rows = row_chunk(state, piece)
@@ -229,6 +230,11 @@ def test_products_in_row_pieces_match_whole_weight(monkeypatch, shape, blocksize
     assert pieces == list(range(0, shape[0], rows)) and y.shape == (1, 2, shape[0])
     want = (x.float() @ whole.float().t() + bias.float()).to(dtype)
     assert rel_err(y, want) < {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype], rel_err(y, want)
+    monkeypatch.setattr(linear4bit, "PIECE_MIN_OTHER", 2 * max(shape) + 1)  # Y and dX under it: whole weights
+    pieces.clear()
+    linear4bit._y_in_pieces(x, packed, state, bias)
+    linear4bit._dx_in_pieces(dy, packed, state)
+    assert pieces == []
 
 
 def test_row_pieces_of_13b_weights_start_on_nested_blocks():
