@@ -19,12 +19,21 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _gather(table, idx):
+    """table[idx] for a small table held by the program (tl.gather through shared memory): the
+    result keeps idx's layout, where a load indexed by data would get one of its own (and Triton
+    would convert the whole tile through shared memory to match it)."""
+    return tl.reshape(tl.gather(table, tl.reshape(idx, [idx.numel]), 0), idx.shape)
+
+
+@triton.jit
 def _count_below(s, t_ptr, STEPS: tl.constexpr):
     """Number of the 2**STEPS - 1 sorted thresholds at t_ptr that are < s (the table is padded with
     +inf to 2**STEPS entries): a binary search of STEPS comparisons, ties to the lower code."""
+    table = tl.load(t_ptr + tl.arange(0, 1 << STEPS))
     i = (s > tl.load(t_ptr + (1 << (STEPS - 1)) - 1)).to(tl.int32) << (STEPS - 1)
     for k in tl.static_range(STEPS - 2, -1, -1):
-        i += (s > tl.load(t_ptr + i + ((1 << k) - 1))).to(tl.int32) << k
+        i += (s > _gather(table, i + ((1 << k) - 1))).to(tl.int32) << k
     return i
 
 
@@ -44,7 +53,8 @@ def _quant4_kernel(x_ptr, packed_ptr, absmax_ptr, bad_ptr, t_ptr, mags_ptr, n, n
     inv = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax), 0.0)
     s = x * inv[:, None]
     if FP4:
-        code = tl.load(mags_ptr + _count_below(tl.abs(s), t_ptr, 3)).to(tl.int32) | ((s < 0).to(tl.int32) << 3)
+        mags = tl.load(mags_ptr + tl.arange(0, 8)).to(tl.int32)
+        code = _gather(mags, _count_below(tl.abs(s), t_ptr, 3)) | ((s < 0).to(tl.int32) << 3)
     else:
         code = _count_below(s, t_ptr, 4)
     hi, lo = tl.split(code.reshape(NB * BLOCKSIZE // 2, 2))  # padding values are 0: the zero code
