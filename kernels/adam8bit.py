@@ -18,6 +18,7 @@ from triton import knobs
 from triton.runtime import driver
 
 from .device import on_tensor_device
+from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
 
 BLOCK = 256  # values per absmax block
@@ -48,7 +49,7 @@ def _lookup(table_ptr, idx, SHARED: tl.constexpr, SIZE: tl.constexpr = 256):
     wavefront per cache line; Triton may give such loads a layout of their own, and convert)."""
     if SHARED:
         table = tl.load(table_ptr + tl.arange(0, SIZE))
-        return tl.reshape(tl.gather(table, tl.reshape(idx, [idx.numel]), 0), idx.shape)
+        return gather(table, idx)
     return tl.load(table_ptr + idx)
 
 
@@ -85,53 +86,23 @@ def _load(ptr, mask, other, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _store(ptr, value, mask, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptr, value, mask=mask)
-    else:
-        tl.store(ptr, value)
-
-
-@triton.jit
-def _tile(first, numel, MASKED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """(rows, offsets, mask, row mask) of NB blocks of one tensor from block `first` (the masks go
-    unused, and are not computed, unless MASKED)."""
+def _adam_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr,
+               first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
+               P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
+               MASKED: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """NB blocks of one tensor from block `first`; pointers already point at the tensor's element
+    0 (state pointers at its segment, absmax pointers at its first block). Unmasked (vectorized)
+    unless MASKED, for the tensor's last, partial run of blocks."""
     rows = first + tl.arange(0, NB)
     offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
-    return rows, offs, offs < numel, rows * BLOCK_SIZE < numel
-
-
-@triton.jit
-def _load_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, first, numel, EIGHT_BIT: tl.constexpr,
-               MASKED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Parameter, gradient and moments of NB blocks (codes and absmax when EIGHT_BIT; the absmax
-    are 0.0 otherwise), as stored."""
-    rows, offs, mask, row_mask = _tile(first, numel, MASKED, NB, BLOCK_SIZE)
-    p = _load(p_ptr + offs, mask, 0.0, MASKED)
-    g = _load(g_ptr + offs, mask, 0.0, MASKED)
-    if EIGHT_BIT:
-        m1 = _load(s1_ptr + offs, mask, 127, MASKED)
-        m2 = _load(s2_ptr + offs, mask, 0, MASKED)
-        a1 = _load(a1_ptr + rows, row_mask, 0.0, MASKED)
-        a2 = _load(a2_ptr + rows, row_mask, 0.0, MASKED)
+    if MASKED:
+        mask = offs < numel
+        row_mask = rows * BLOCK_SIZE < numel
     else:
-        m1 = _load(s1_ptr + offs, mask, 0.0, MASKED)
-        m2 = _load(s2_ptr + offs, mask, 0.0, MASKED)
-        a1 = 0.0
-        a2 = 0.0
-    return p, g, m1, m2, a1, a2
-
-
-@triton.jit
-def _update_tile(p, g, m1, m2, a1, a2, p_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr, first, numel,
-                 beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat,
-                 P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 MASKED: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """The step of NB blocks loaded by _load_tile: update, store the parameter and the requantized
-    moments (or float32 moments) with their new absmax."""
-    rows, offs, mask, row_mask = _tile(first, numel, MASKED, NB, BLOCK_SIZE)
-    p = p.to(tl.float32)
-    g = g.to(tl.float32)
+        mask = None
+        row_mask = None
+    p = _load(p_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
+    g = _load(g_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
     if USE_L2:
         g = g + l2 * p
     finite = tl.abs(g) < float("inf")  # false for NaN too
@@ -139,52 +110,31 @@ def _update_tile(p, g, m1, m2, a1, a2, p_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, ma
         finite = finite & mask
     g = tl.where(finite, g, 0.0)
     if EIGHT_BIT:
-        s1 = _lookup(map1_ptr, m1.to(tl.int32), SHARED) * a1[:, None]
-        s2 = _lookup(map2_ptr, m2.to(tl.int32), SHARED) * a2[:, None]
+        a1 = _load(a1_ptr + rows, row_mask, 0.0, MASKED)
+        a2 = _load(a2_ptr + rows, row_mask, 0.0, MASKED)
+        c1 = _load(s1_ptr + offs, mask, 127, MASKED).to(tl.int32)
+        c2 = _load(s2_ptr + offs, mask, 0, MASKED).to(tl.int32)
+        s1 = _lookup(map1_ptr, c1, SHARED) * a1[:, None]
+        s2 = _lookup(map2_ptr, c2, SHARED) * a2[:, None]
     else:
-        s1 = m1
-        s2 = m2
+        s1 = _load(s1_ptr + offs, mask, 0.0, MASKED)
+        s2 = _load(s2_ptr + offs, mask, 0.0, MASKED)
     s1 = tl.where(finite, s1 * beta1 + one_minus_beta1 * g, 0.0)
     s2 = tl.where(finite, s2 * beta2 + one_minus_beta2 * g * g, 0.0)
     new = p + step_size * (s1 / (tl.sqrt(s2) + eps_hat))
     if USE_DECAY:
         new = new * decay
-    _store(p_ptr + offs, to_dtype_rne(tl.where(finite, new, p), P_DTYPE), mask, MASKED)
+    tl.store(p_ptr + offs, to_dtype_rne(tl.where(finite, new, p), P_DTYPE), mask=mask)
     if EIGHT_BIT:
         n1 = tl.max(tl.abs(s1), axis=1)
         n2 = tl.max(tl.abs(s2), axis=1)
-        _store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, True, SHARED), mask, MASKED)
-        _store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, False, SHARED), mask, MASKED)
-        _store(a1_ptr + rows, n1, row_mask, MASKED)
-        _store(a2_ptr + rows, n2, row_mask, MASKED)
+        tl.store(s1_ptr + offs, _quantize_rows(s1, n1, map1_ptr, True, SHARED), mask=mask)
+        tl.store(s2_ptr + offs, _quantize_rows(s2, n2, map2_ptr, False, SHARED), mask=mask)
+        tl.store(a1_ptr + rows, n1, mask=row_mask)
+        tl.store(a2_ptr + rows, n2, mask=row_mask)
     else:
-        _store(s1_ptr + offs, s1, mask, MASKED)
-        _store(s2_ptr + offs, s2, mask, MASKED)
-
-
-@triton.jit
-def _item(work_ptr, w):
-    """(tensor slot, first block) of work item w."""
-    return tl.load(work_ptr + 2 * w), tl.load(work_ptr + 2 * w + 1).to(tl.int64)
-
-
-@triton.jit
-def _tensor(slot, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr,
-            a1_ptr, a2_ptr, step_size, eps_hat, PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr):
-    """Where tensor `slot` lives: its parameter, gradient, state and absmax pointers (at its element
-    0, segment and first block), its size and its bias-corrected step scalars. Tensors are
-    addressed from one base pointer by element offsets, multiples of ALIGN elements (16 bytes when
-    the host found them so): that lets loads and stores be vectorized."""
-    p_ptr = p_base + tl.multiple_of(tl.load(poff_ptr + slot), ALIGN)
-    g_ptr = p_base + tl.multiple_of(tl.load(goff_ptr + slot), ALIGN)
-    numel = tl.load(numel_ptr + slot)
-    elem_off = tl.multiple_of(tl.load(elem_off_ptr + slot), 16)
-    block_off = tl.load(block_off_ptr + slot)
-    if PER_TENSOR_STEP:  # tensors at different steps: bias corrections from the table
-        step_size = tl.load(scal_ptr + 2 * slot)
-        eps_hat = tl.load(scal_ptr + 2 * slot + 1)
-    return p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off, numel, \
-        step_size, eps_hat
+        tl.store(s1_ptr + offs, s1, mask=mask)
+        tl.store(s2_ptr + offs, s2, mask=mask)
 
 
 @triton.jit
@@ -194,22 +144,27 @@ def _adam_kernel(work_ptr, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, 
                  P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
                  PER_TENSOR_STEP: tl.constexpr, ALIGN: tl.constexpr, SHARED: tl.constexpr, NB: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr):
-    """One work item per program; unmasked (vectorized) loads and stores except for a tensor's last,
-    partial run of blocks."""
-    slot, first = _item(work_ptr, tl.program_id(0))
-    p_ptr, g_ptr, s1, s2, a1, a2, numel, step_size, eps_hat = _tensor(
-        slot, p_base, poff_ptr, goff_ptr, numel_ptr, elem_off_ptr, block_off_ptr, scal_ptr, s1_ptr, s2_ptr, a1_ptr,
-        a2_ptr, step_size, eps_hat, PER_TENSOR_STEP, ALIGN)
+    w = tl.program_id(0)
+    slot = tl.load(work_ptr + 2 * w)
+    first = tl.load(work_ptr + 2 * w + 1).to(tl.int64)
+    # Tensors are addressed from one base pointer by element offsets, multiples of ALIGN elements
+    # (16 bytes when the host found them so): that lets loads and stores be vectorized.
+    p_ptr = p_base + tl.multiple_of(tl.load(poff_ptr + slot), ALIGN)
+    g_ptr = p_base + tl.multiple_of(tl.load(goff_ptr + slot), ALIGN)
+    numel = tl.load(numel_ptr + slot)
+    elem_off = tl.multiple_of(tl.load(elem_off_ptr + slot), 16)
+    block_off = tl.load(block_off_ptr + slot)
+    if PER_TENSOR_STEP:  # tensors at different steps: bias corrections from the table
+        step_size = tl.load(scal_ptr + 2 * slot)
+        eps_hat = tl.load(scal_ptr + 2 * slot + 1)
     if (first + NB) * BLOCK_SIZE <= numel:
-        vp, vg, m1, m2, v1, v2 = _load_tile(p_ptr, g_ptr, s1, s2, a1, a2, first, numel, EIGHT_BIT, False, NB, BLOCK_SIZE)
-        _update_tile(vp, vg, m1, m2, v1, v2, p_ptr, s1, s2, a1, a2, map1_ptr, map2_ptr, first, numel, beta1, beta2,
-                     one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, P_DTYPE,
-                     EIGHT_BIT, USE_L2, USE_DECAY, False, SHARED, NB, BLOCK_SIZE)
+        _adam_tile(p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off,
+                   map1_ptr, map2_ptr, first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
+                   step_size, eps_hat, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, False, SHARED, NB, BLOCK_SIZE)
     else:
-        vp, vg, m1, m2, v1, v2 = _load_tile(p_ptr, g_ptr, s1, s2, a1, a2, first, numel, EIGHT_BIT, True, NB, BLOCK_SIZE)
-        _update_tile(vp, vg, m1, m2, v1, v2, p_ptr, s1, s2, a1, a2, map1_ptr, map2_ptr, first, numel, beta1, beta2,
-                     one_minus_beta1, one_minus_beta2, decay, l2, step_size, eps_hat, P_DTYPE,
-                     EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
+        _adam_tile(p_ptr, g_ptr, s1_ptr + elem_off, s2_ptr + elem_off, a1_ptr + block_off, a2_ptr + block_off,
+                   map1_ptr, map2_ptr, first, numel, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, l2,
+                   step_size, eps_hat, P_DTYPE, EIGHT_BIT, USE_L2, USE_DECAY, True, SHARED, NB, BLOCK_SIZE)
 
 
 class StateMaps(NamedTuple):

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
 
 MAX_BLOCKSIZE = 256
@@ -101,7 +102,7 @@ def _lookup(code_ptr, table, byte, AXIS: tl.constexpr, LUT: tl.constexpr, DOT: t
         b = byte.to(tl.int32)
         hi, lo = tl.load(code_ptr + (b >> 4)).to(DOT), tl.load(code_ptr + (b & 15)).to(DOT)
     elif LUT == 2:
-        w = tl.reshape(tl.gather(table, tl.reshape(byte.to(tl.int32), [byte.numel]), 0), byte.shape)
+        w = gather(table, byte.to(tl.int32))
         if DOT == tl.float32:
             hi, lo = (w >> 32).to(tl.int32).to(DOT, bitcast=True), w.to(tl.int32).to(DOT, bitcast=True)
         else:

@@ -13,17 +13,10 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .lut import gather
 
 VALUES_PER_PROGRAM = 2048  # launch shape, read at launch (scripts/bench_kernels.py --sweep-formats)
 NUM_WARPS = 4
-
-
-@triton.jit
-def _gather(table, idx):
-    """table[idx] for a small table held by the program (tl.gather through shared memory): the
-    result keeps idx's layout, where a load indexed by data would get one of its own (and Triton
-    would convert the whole tile through shared memory to match it)."""
-    return tl.reshape(tl.gather(table, tl.reshape(idx, [idx.numel]), 0), idx.shape)
 
 
 @triton.jit
@@ -33,7 +26,7 @@ def _count_below(s, t_ptr, STEPS: tl.constexpr):
     table = tl.load(t_ptr + tl.arange(0, 1 << STEPS))
     i = (s > tl.load(t_ptr + (1 << (STEPS - 1)) - 1)).to(tl.int32) << (STEPS - 1)
     for k in tl.static_range(STEPS - 2, -1, -1):
-        i += (s > _gather(table, i + ((1 << k) - 1))).to(tl.int32) << k
+        i += (s > gather(table, i + ((1 << k) - 1))).to(tl.int32) << k
     return i
 
 
@@ -54,7 +47,7 @@ def _quant4_kernel(x_ptr, packed_ptr, absmax_ptr, bad_ptr, t_ptr, mags_ptr, n, n
     s = x * inv[:, None]
     if FP4:
         mags = tl.load(mags_ptr + tl.arange(0, 8)).to(tl.int32)
-        code = _gather(mags, _count_below(tl.abs(s), t_ptr, 3)) | ((s < 0).to(tl.int32) << 3)
+        code = gather(mags, _count_below(tl.abs(s), t_ptr, 3)) | ((s < 0).to(tl.int32) << 3)
     else:
         code = _count_below(s, t_ptr, 4)
     hi, lo = tl.split(code.reshape(NB * BLOCKSIZE // 2, 2))  # padding values are 0: the zero code
