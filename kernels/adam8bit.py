@@ -14,20 +14,22 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
-from triton.runtime import driver
 
 from .device import on_tensor_device
+from .launch import launch
 from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
 
 BLOCK = 256  # values per absmax block
-# Launch shape per parameter dtype: (256-value blocks per program, warps). From scripts/bench_optim.py
-# --sweep on an H100 (one run, kernel times): float32 params 4 blocks 1.35 ms (2: 1.46, 8: 1.35),
-# bfloat16 8 blocks 1.09 ms (4: 1.21); float16 moves the bytes bfloat16 does. A persistent grid
-# walking the work list with loads one item ahead was slower at every shape (1.54-1.97 / 1.34-1.76
-# ms). The sweep overrides it.
-LAUNCH = {torch.float32: (4, 4), torch.bfloat16: (8, 4), torch.float16: (8, 4)}
+# Launch shape per parameter dtype: (256-value blocks per program, warps, register cap). From
+# scripts/bench_optim.py --sweep on an H100 (one run, kernel times): float32 params 4 blocks capped at
+# 80 registers 1.28 ms (uncapped 119 registers, 4 programs per SM: 1.45; 8 blocks at 128: 1.27),
+# bfloat16 8 blocks at 128 registers 0.94 ms (uncapped 213, 2 programs per SM: 1.06; 4 blocks at 80:
+# 0.98). The cap buys programs per SM (occupancy 25% -> 37%) for a few spills to L1: the kernel waits
+# on its loads, and more programs keep more of them in flight. float16 moves the bytes bfloat16 does.
+# A persistent grid walking the work list with loads one item ahead was slower at every shape. The
+# sweep overrides it.
+LAUNCH = {torch.float32: (4, 4, 80), torch.bfloat16: (8, 4, 128), torch.float16: (8, 4, 128)}
 # Map lookups (codes to values, requantization midpoints) through shared memory (tl.gather of the
 # 256-entry table spread over the warps) instead of loads through L1; read at launch, swept.
 LUT_SHARED = True
@@ -237,7 +239,8 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
     `scalars`: (step_size, eps_hat) shared by all tensors, or a float32 (n, 2) device table of
     them. 8-bit when absmax1 is given (uint8 states), else float32 states. `decay` multiplies the
     parameter after the update (AdamW; 1.0 for none); `l2` times the parameter is added to the
-    gradient (Adam). `launch`: (blocks per program, warps), the blocks as the work list was made with."""
+    gradient (Adam). `launch`: (blocks per program, warps[, register cap]), the blocks as the work
+    list was made with."""
     eight_bit = absmax1 is not None
     per_tensor = isinstance(scalars, torch.Tensor)
     dummy = state1 if eight_bit else maps.table1
@@ -247,34 +250,14 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
             maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat)
     consts = (TL_DTYPES[p_base.dtype], eight_bit, l2 != 0.0, decay != 1.0, per_tensor, align, LUT_SHARED, launch[0],
               BLOCK)
-    _launch((work.shape[0],), args, consts, launch[1], p_base)
+    _launch((work.shape[0],), args, consts, tuple(launch[1:]), p_base)
 
 
-# Compiled kernels by what Triton specializes them on, for launches without its per-call argument
-# binding (about half of a launch's host time, which the step's latency includes). None once a
-# direct launch failed (a Triton whose launcher takes other arguments): Triton's path from then on.
-_COMPILED: dict[tuple, object] | None = {}
-
-
-def _launch(grid: tuple[int], args: tuple, consts: tuple, warps: int, p_base: torch.Tensor) -> None:
-    """_adam_kernel[grid](*args, *consts). Of the arguments only p_base's address can change how
-    Triton specializes the kernel (every other tensor is an allocation of this module's callers,
-    aligned; the integers are fixed per device), so its 16-byte alignment joins the constexprs and
-    the grid in the key; the first launch of a key, the interpreter and any launch hook take
-    Triton's own path."""
-    global _COMPILED
-    key = (grid, consts, warps, p_base.data_ptr() % 16 == 0, p_base.device)
-    compiled = _COMPILED.get(key) if _COMPILED is not None else None
-    hook = knobs.runtime.launch_enter_hook  # a chain of hooks (Triton 3.4+) or None
-    if compiled is not None and not getattr(hook, "calls", hook):
-        try:
-            stream = driver.active.get_current_stream(driver.active.get_current_device())
-            compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *args, *consts)
-            return
-        except TypeError:  # not launched: this Triton's launcher wants other arguments
-            _COMPILED = None
+def _launch(grid: tuple[int], args: tuple, consts: tuple, shape: tuple, p_base: torch.Tensor) -> None:
+    """_adam_kernel[grid](*args, *consts) with `shape` = (warps,) or (warps, register cap). Of the
+    arguments only p_base's address can change how Triton specializes the kernel (every other tensor
+    is an allocation of this module's callers, aligned; the integers are fixed per device), so its
+    16-byte alignment is the launch's key."""
     names = ("P_DTYPE", "EIGHT_BIT", "USE_L2", "USE_DECAY", "PER_TENSOR_STEP", "ALIGN", "SHARED", "NB", "BLOCK_SIZE")
-    compiled = _adam_kernel[grid](*args, **dict(zip(names, consts)), num_warps=warps)
-    if _COMPILED is not None and p_base.is_cuda and hasattr(compiled, "run"):
-        _COMPILED[key] = compiled
+    launch(_adam_kernel, grid, *args, num_warps=shape[0], maxnreg=shape[1] if len(shape) > 1 else None,
+           key=(p_base.data_ptr() % 16 == 0,), **dict(zip(names, consts)))

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .launch import cdiv, launch
 from .rounding import TL_DTYPES, to_dtype_rne
 
 # Launch shape (scripts/bench_kernels.py --sweep-formats): packed bytes per program and warps. Measured
@@ -56,9 +57,9 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     n_bytes, n_blocks = (n + 1) // 2, -(-n // blocksize)
     per_program, warps = config or (BYTES_PER_PROGRAM, NUM_WARPS)
     nb = max(1, 2 * per_program // blocksize)
-    grid = (triton.cdiv(n_blocks, nb),)
+    grid = (cdiv(n_blocks, nb),)
     na, nc, off = nested if nested is not None else (absmax, code, absmax)
-    _dequant4_kernel[grid](flat, absmax, code, out, n_bytes, n, n_blocks, na, nc, off, BLOCKSIZE=blocksize,
-                           NESTED=nested is not None, OUT=TL_DTYPES[dtype], NB=nb, num_warps=warps,
-                           enable_fp_fusion=False)
+    launch(_dequant4_kernel, grid, flat, absmax, code, out, n_bytes, n, n_blocks, na, nc, off, BLOCKSIZE=blocksize,
+           NESTED=nested is not None, OUT=TL_DTYPES[dtype], NB=nb, num_warps=warps,
+           enable_fp_fusion=False)
     return out

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .launch import cdiv
 from .rounding import TL_DTYPES, to_dtype_rne
 
 BLOCK = 2048
@@ -56,7 +57,7 @@ def dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float,
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, seed if seed_out is None else seed_out, n,
+        _dropout_kernel[(cdiv(n, BLOCK),)](x, y, seed, seed if seed_out is None else seed_out, n,
                                                   salt % 2**32, threshold(p), 1.0 / (1.0 - p),
                                                   DTYPE=TL_DTYPES[x.dtype], BLOCK_SIZE=BLOCK, WIDE=n >= 2**31 - BLOCK)
     elif seed_out is not None:

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .launch import cdiv
 
 BLOCK = 1024  # row elements per program
 
@@ -30,5 +31,5 @@ def gather_rows(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*ids.shape, D, dtype=weight.dtype, device=ids.device)
     n = ids.numel()
     if n:
-        _gather_kernel[(n, triton.cdiv(D, BLOCK))](ids.contiguous(), weight, out, D, weight.stride(0), BLOCK=BLOCK)
+        _gather_kernel[(n, cdiv(D, BLOCK))](ids.contiguous(), weight, out, D, weight.stride(0), BLOCK=BLOCK)
     return out

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .launch import cdiv
 from .rounding import TL_DTYPES, to_dtype_rne
 
 QUANT_BLOCK_K = 1024  # columns per step of the row-wise quantizer
@@ -38,7 +39,7 @@ def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
     out = torch.zeros(K, dtype=torch.uint8, device=x.device)
     bm, bk = OUTLIER_BLOCK
     if M:
-        grid = (triton.cdiv(M, bm), triton.cdiv(K, bk))
+        grid = (cdiv(M, bm), cdiv(K, bk))
         _outlier_columns_kernel[grid](x, out, M, K, x.stride(0), float(threshold), BLOCK_M=bm, BLOCK_K=bk)
     return out
 
@@ -164,7 +165,7 @@ def int8_matmul(a: torch.Tensor, a_absmax: torch.Tensor, w: torch.Tensor, w_absm
     if M == 0 or N == 0:
         return out
     cfg = _matmul_config(M)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _int8_matmul_kernel[grid](a, w, out, a_absmax, w_absmax, out if bias is None else bias,
                               out if add is None else add, M, N, K, a.stride(0), w.stride(0), out.stride(0),
                               0 if add is None else add.stride(0), HAS_BIAS=bias is not None,

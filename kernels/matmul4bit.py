@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .launch import cdiv, launch
 from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
 
@@ -351,14 +352,14 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     split_k, nblk = _runs(K // blocksize, *rest)
     dot, precision = _dot_dtype(x.dtype)
     na, nc, off = _nested_args(absmax, nested)
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split_k)
+    grid = (cdiv(N, bn), cdiv(M, bm), split_k)
     ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
     lock = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else y
-    _fwd_kernel[grid](x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
-                      bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0),
-                      BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, DOT=dot,
-                      PRECISION=precision, LUT=int(lut), BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k,
-                      NBLK=nblk, num_warps=warps, num_stages=1 if lut == 1 else stages)
+    launch(_fwd_kernel, grid, x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
+           bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0),
+           BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, DOT=dot,
+           PRECISION=precision, LUT=int(lut), BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k,
+           NBLK=nblk, num_warps=warps, num_stages=1 if lut == 1 else stages)
     return y
 
 
@@ -376,11 +377,11 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     while K % bk:  # the largest power of two <= bk that divides K (blocksize does)
         bk //= 2
     na, nc, off = _nested_args(absmax, nested)
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
-    _gemv_kernel[grid](x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
-                       bias if bias is not None else x, y, M, N, K, x.stride(0), K // 2, y.stride(0),
-                       BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT=int(lut),
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1)
+    grid = (cdiv(N, bn), cdiv(M, bm))
+    launch(_gemv_kernel, grid, x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
+           bias if bias is not None else x, y, M, N, K, x.stride(0), K // 2, y.stride(0),
+           BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT=int(lut),
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1)
     return y
 
 
@@ -394,8 +395,8 @@ def backward(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
     bm, bn, warps, stages = (config or _config(M, dy.dtype))[:4]
     dot, precision = _dot_dtype(dy.dtype)
     na, nc, off = _nested_args(absmax, nested)
-    grid = (K // blocksize, triton.cdiv(M, bm))
-    _bwd_kernel[grid](dy, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off, dx, M, N, K,
-                      dy.stride(0), dx.stride(0), BS=blocksize, NESTED=nested is not None, DOT=dot,
-                      PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    grid = (K // blocksize, cdiv(M, bm))
+    launch(_bwd_kernel, grid, dy, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off, dx, M, N, K,
+           dy.stride(0), dx.stride(0), BS=blocksize, NESTED=nested is not None, DOT=dot,
+           PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     return dx

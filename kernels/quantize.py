@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .launch import cdiv, launch
 from .lut import gather
 
 VALUES_PER_PROGRAM = 2048  # launch shape, read at launch (scripts/bench_kernels.py --sweep-formats)
@@ -97,8 +98,8 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, fp4: bool, thresholds: torch.
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     bad = torch.zeros(1, dtype=torch.int32, device=x.device)
     nb = max(1, VALUES_PER_PROGRAM // blocksize)
-    _quant4_kernel[(triton.cdiv(n_blocks, nb),)](x.reshape(-1), out, absmax, bad, thresholds, mags, n, (n + 1) // 2,
-                                                 n_blocks, FP4=fp4, BLOCKSIZE=blocksize, NB=nb, num_warps=NUM_WARPS)
+    launch(_quant4_kernel, (cdiv(n_blocks, nb),), x.reshape(-1), out, absmax, bad, thresholds, mags, n,
+           (n + 1) // 2, n_blocks, FP4=fp4, BLOCKSIZE=blocksize, NB=nb, num_warps=NUM_WARPS)
     return absmax, bad
 
 
@@ -111,5 +112,5 @@ def quantize_blockwise_8bit(x: torch.Tensor, offset: torch.Tensor, code: torch.T
     n_blocks = -(-n // blocksize)
     q = torch.empty(n, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-    _quant8_kernel[(n_blocks,)](x, offset, code, q, absmax, n, BLOCKSIZE=blocksize)
+    launch(_quant8_kernel, (n_blocks,), x, offset, code, q, absmax, n, BLOCKSIZE=blocksize)
     return q, absmax

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .launch import cdiv
 from .rounding import TL_DTYPES, to_dtype_rne
 
 ROWS = 16  # (b, h, s) rows per program
@@ -47,7 +48,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
         cos, sin = cos.contiguous(), sin.contiguous()
     n = B * H * S
     if n:
-        _rope_kernel[(triton.cdiv(n, ROWS),)](x, y, cos, sin, n, H, S, *x.stride()[:3], *y.stride()[:3],
+        _rope_kernel[(cdiv(n, ROWS),)](x, y, cos, sin, n, H, S, *x.stride()[:3], *y.stride()[:3],
                                              cos.stride(0), cos.stride(1), SIGN=-1.0 if inverse else 1.0,
                                              HALF=D // 2, DTYPE=TL_DTYPES[x.dtype], ROWS=ROWS)
     return y

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .launch import cdiv
 from .rounding import TL_DTYPES, to_dtype_rne
 
 BLOCK = 2048  # elements per program
@@ -39,7 +40,7 @@ def _swiglu_bwd(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, DTYPE: tl.constexpr, BL
 
 
 def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, BLOCK),)
+    return (cdiv(n, BLOCK),)
 
 
 @on_tensor_device

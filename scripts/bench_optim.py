@@ -93,9 +93,12 @@ def competitors(sweep: bool):
             return qtune.optim.AdamW8bit(ps, lr=1e-4, paged=paged)
         return build
 
-    shapes = [((nb, w), sh) for sh in (True, False) for nb, w in ((2, 4), (4, 4), (8, 4), (4, 8), (8, 8))]
+    shapes = [((nb, w, r), True) for nb, w, r in ((4, 4, 0), (4, 4, 96), (4, 4, 80), (4, 4, 72), (4, 4, 64),
+                                                (8, 4, 0), (8, 4, 128), (8, 4, 112), (8, 4, 96), (8, 4, 80),
+                                                (4, 2, 128), (4, 2, 96), (8, 8, 96), (16, 4, 128))]
     for launch, shared in (shapes if sweep else []):
-        yield f"qtune nb={launch[0]} w={launch[1]} {'smem' if shared else 'L1'}", qtune_with(launch, shared)
+        yield (f"qtune nb={launch[0]} w={launch[1]} regs<={launch[2] or '-'} {'smem' if shared else 'L1'}",
+               qtune_with(launch, shared))
     yield "qtune AdamW8bit", qtune_with(None, default_shared)
     yield "qtune AdamW8bit paged", qtune_with(None, default_shared, paged=True)  # states in host memory
     yield "torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)

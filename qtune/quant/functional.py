@@ -91,7 +91,8 @@ def _quantize_4bit_kernel(A: torch.Tensor, blocksize: int, quant_type: str, doub
     n_bytes = -(-A.numel() // 2)
     padded = n_bytes + (-n_bytes % quant_storage.itemsize)
     packed = torch.empty(padded, dtype=torch.uint8, device=A.device)
-    packed[n_bytes:].zero_()
+    if padded > n_bytes:
+        packed[n_bytes:].zero_()
     code, thresholds, mags, nested_code = _device_tables(quant_type, A.device)
     absmax, bad = kq.quantize_4bit(A.contiguous(), blocksize, quant_type == "fp4", thresholds,
                                    packed if mags is None else mags, packed)

@@ -40,3 +40,20 @@ def test_non_finite_input_refused():
     with pytest.raises(ValueError) as e:
         quantize_4bit(w, name="model.layers.0.mlp.up_proj.weight")
     assert "2 non-finite values" in one_line(e) and "up_proj" in one_line(e)
+
+
+@pytest.mark.gpu
+def test_cached_launches_respecialize_on_alignment():
+    """The cached direct launches (kernels/launch.py) key on what Triton specializes on: an input 4
+    bytes off 16-byte alignment, after an aligned one of the same size, gets a kernel of its own."""
+    from qtune.kernels import launch
+    from qtune.kernels import quantize as kq
+
+    big = torch.randn(64 * 1024 + 1, device=DEVICE)
+    for w in (big[:-1], big[1:], big[:-1], big[1:]):  # aligned, misaligned, and again from the cache
+        packed, state = quantize_4bit(w.view(64, 1024), 64, "nf4", False)
+        want, want_state = reference.quantize_4bit(w.view(64, 1024), 64, "nf4", False, torch.uint8)
+        assert torch.equal(packed.view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(state.absmax, want_state.absmax)
+    keys = {k[1] for k in launch._COMPILED if k[0] == id(kq._quant4_kernel)}
+    assert any(("*fp32", "D") in k for k in keys) and any(("*fp32", "") in k for k in keys)

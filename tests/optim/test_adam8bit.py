@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import one_line, rel_err
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qtune.kernels import adam8bit as kernel
 from qtune.optim import Adam8bit, AdamW8bit
@@ -207,6 +208,32 @@ def test_one_launch_per_group_however_many_tensors(monkeypatch):
     assert len(calls) == 4  # per step: one launch for the 40 8-bit tensors, one for the fp32-state one
 
 
+
+def test_gradients_replaced_between_steps_are_read_where_they_now_live(monkeypatch):
+    """The hot path reuses the gradients' addresses only while they hold: one gradient replaced
+    (the old one kept alive, so the new one lands elsewhere) must be read from its new place."""
+    device = _backend(monkeypatch, "triton")
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4096 + 16 * i, device=device)) for i in range(3)]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    for p, t in zip(params, twins):
+        p.grad, t.grad = torch.zeros_like(p), torch.zeros_like(t)
+    opt, twin_opt = AdamW8bit(params, lr=1e-2), AdamW8bit(twins, lr=1e-2)  # the twins' gradients never move
+    kept = []
+    for step in range(6):
+        for i, (p, t) in enumerate(zip(params, twins)):
+            g = torch.randn_like(p)
+            if i == step % 3:
+                kept.append(p.grad)
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+            t.grad.copy_(g)
+        opt.step()
+        twin_opt.step()
+    for p, t in zip(params, twins):
+        assert torch.equal(p, t)
+
 def test_schedulers_closures_and_groups():
     a, b = nn.Parameter(torch.randn(8192)), nn.Parameter(torch.randn(8192))
     opt = Adam8bit([{"params": [a]}, {"params": [b], "lr": 0.0}], lr=1e-2)
@@ -223,6 +250,26 @@ def test_schedulers_closures_and_groups():
     sched.step()
     assert opt.param_groups[0]["lr"] == 5e-3
     assert opt.step(closure) < l0 and torch.equal(b, b0)
+
+
+def test_step_hooks_and_profiler_range_still_work():
+    """step skips torch's hook wrapper only while no hook or profiler is on."""
+    p = nn.Parameter(torch.randn(64))
+    opt = AdamW8bit([p], lr=1e-2)
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o is opt)))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", o is opt)))
+    glob = register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(("global", 1)))
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert seen == [("pre", True), ("post", True), ("global", 1)]
+    for h in (pre, post, glob):
+        h.remove()
+    opt.step()
+    assert len(seen) == 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert any(e.name == "Optimizer.step#AdamW8bit.step" for e in prof.events())
 
 
 @pytest.mark.parametrize("kwargs,match", [
