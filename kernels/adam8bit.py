@@ -21,15 +21,14 @@ from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
 
 BLOCK = 256  # values per absmax block
-# Launch shape per parameter dtype: (256-value blocks per program, warps, register cap). From
-# scripts/bench_optim.py --sweep on an H100 (one run, kernel times): float32 params 4 blocks capped at
-# 80 registers 1.28 ms (uncapped 119 registers, 4 programs per SM: 1.45; 8 blocks at 128: 1.27),
-# bfloat16 8 blocks at 128 registers 0.94 ms (uncapped 213, 2 programs per SM: 1.06; 4 blocks at 80:
-# 0.98). The cap buys programs per SM (occupancy 25% -> 37%) for a few spills to L1: the kernel waits
-# on its loads, and more programs keep more of them in flight. float16 moves the bytes bfloat16 does.
-# A persistent grid walking the work list with loads one item ahead was slower at every shape. The
-# sweep overrides it.
-LAUNCH = {torch.float32: (4, 4, 80), torch.bfloat16: (8, 4, 128), torch.float16: (8, 4, 128)}
+# Launch shape per parameter dtype: (256-value blocks per program, warps, register cap), from
+# scripts/bench_optim.py --sweep on an H100 (kernel times, two runs): float32 params 4 blocks at 64
+# registers 1.22 ms (at 72: 1.24, 80: 1.28, 96: 1.32; uncapped, 119 registers and 4 programs per SM:
+# 1.45), bfloat16 8 blocks at 80 registers 0.84 ms (96: 0.87, 128: 0.93; uncapped, 213 registers and
+# 2 programs per SM: 1.05). The kernel waits on its loads: a cap buys programs per SM, so more loads
+# in flight, for a few spills to L1. float16 moves the bytes bfloat16 does. A persistent grid walking
+# the work list with loads one item ahead was slower at every shape. The sweep overrides it.
+LAUNCH = {torch.float32: (4, 4, 64), torch.bfloat16: (8, 4, 80), torch.float16: (8, 4, 80)}
 # Map lookups (codes to values, requantization midpoints) through shared memory (tl.gather of the
 # 256-entry table spread over the warps) instead of loads through L1; read at launch, swept.
 LUT_SHARED = True

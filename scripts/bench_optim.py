@@ -93,9 +93,9 @@ def competitors(sweep: bool):
             return qtune.optim.AdamW8bit(ps, lr=1e-4, paged=paged)
         return build
 
-    shapes = [((nb, w, r), True) for nb, w, r in ((4, 4, 0), (4, 4, 96), (4, 4, 80), (4, 4, 72), (4, 4, 64),
-                                                (8, 4, 0), (8, 4, 128), (8, 4, 112), (8, 4, 96), (8, 4, 80),
-                                                (4, 2, 128), (4, 2, 96), (8, 8, 96), (16, 4, 128))]
+    shapes = [((nb, w, r), True) for nb, w, r in ((4, 4, 0), (4, 4, 80), (4, 4, 64), (4, 4, 56), (4, 4, 48),
+                                                (8, 4, 0), (8, 4, 96), (8, 4, 80), (8, 4, 72), (8, 4, 64),
+                                                (4, 2, 96), (4, 2, 80), (4, 2, 64), (16, 4, 96), (16, 4, 80))]
     for launch, shared in (shapes if sweep else []):
         yield (f"qtune nb={launch[0]} w={launch[1]} regs<={launch[2] or '-'} {'smem' if shared else 'L1'}",
                qtune_with(launch, shared))

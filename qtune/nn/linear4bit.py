@@ -49,13 +49,7 @@ class Matmul4bit(torch.autograd.Function):
         ctx.state = state
         ctx.save_for_backward(packed)
         ctx.has_bias = bias is not None
-        kernels = _fused(x, state, backward=False)
-        if kernels is not None:
-            check_packed_size(packed, state)
-            y = kernels.forward(x.reshape(-1, x.shape[-1]).contiguous(), packed, state.absmax, state.code,
-                                state.shape[0], state.blocksize, state.nested_tensors, bias)
-            return y.view(*x.shape[:-1], state.shape[0])
-        return _y_in_pieces(x, packed, state, bias)
+        return _forward(x, packed, state, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -73,6 +67,16 @@ class Matmul4bit(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias
+
+
+def _forward(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None) -> torch.Tensor:
+    kernels = _fused(x, state, backward=False)
+    if kernels is not None:
+        check_packed_size(packed, state)
+        y = kernels.forward(x.reshape(-1, x.shape[-1]).contiguous(), packed, state.absmax, state.code,
+                            state.shape[0], state.blocksize, state.nested_tensors, bias)
+        return y.view(*x.shape[:-1], state.shape[0])
+    return _y_in_pieces(x, packed, state, bias)
 
 
 def _piece_rows(packed: torch.Tensor, state: QuantState, other: int) -> int:
@@ -122,8 +126,11 @@ def _dx_in_pieces(dy: torch.Tensor, packed: torch.Tensor, state: QuantState) -> 
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
-    """x @ deq(W)^T (+ bias) in x's dtype, differentiable in x and bias."""
-    return Matmul4bit.apply(x, packed, state, bias)
+    """x @ deq(W)^T (+ bias) in x's dtype, differentiable in x and bias. Without a gradient to
+    record, the product skips the autograd Function (its bookkeeping is host time a decode step pays)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return Matmul4bit.apply(x, packed, state, bias)
+    return _forward(x, packed, state, bias)
 
 
 def _check_matrix(w: torch.Tensor, name: str) -> None:
