@@ -89,8 +89,9 @@ class _Bucket:
     elem_offs: torch.Tensor
     block_offs: torch.Tensor
     p_addrs: list[int]
-    steps: torch.Tensor  # int64 on the CPU; each parameter's state["step"] is a view of one entry
+    steps: np.ndarray  # int64; each parameter's state["step"] is a CPU tensor viewing one entry
     uniform: bool  # all tensors at the same step
+    device: torch.device
     p_offs: torch.Tensor | None = None  # element offsets from params[0], uploaded with the gradients'
     g_offs: torch.Tensor | None = None
     align: int = 1  # elements every offset is a multiple of
@@ -292,23 +293,21 @@ class Adam8bit(torch.optim.Optimizer):
     def _fused_step(self, group: dict, buckets: list[_Bucket], g_addrs_all: list[int] | None) -> None:
         """One launch per bucket. `g_addrs_all`: gradient addresses of all the group's parameters
         in order, when the caller has them (else they are read from the bucket's parameters)."""
-        from ..kernels import adam8bit as kernel
-
+        kernel = _kernel_module()
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
-        device = _local(buckets[0].params[0]).device
-        maps = _device_maps(device)
         for b in buckets:
             first, last = _local(b.params[0]), _local(b.params[-1])
             if first.data_ptr() != b.p_addrs[0] or last.data_ptr() != b.p_addrs[-1]:
                 b.p_addrs = [_local(p).data_ptr() for p in b.params]  # parameters were moved (model.to(...))
-                b.g_addrs = []
+                b.g_addrs, b.device = [], first.device
+            device = b.device
             if g_addrs_all is not None:
                 g_addrs = g_addrs_all if b.whole else [g_addrs_all[i] for i in b.index]
             else:
                 g_addrs = [_local(p.grad).data_ptr() for p in b.params]
             grads = None
-            if g_addrs != b.g_addrs:  # new gradient tensors: check them and upload their offsets
+            if g_addrs is not b.g_addrs and g_addrs != b.g_addrs:  # new gradients: check them, upload offsets
                 grads = [_local(p.grad) for p in b.params]
                 for p in b.params:
                     self._check_param(p)
@@ -317,16 +316,16 @@ class Adam8bit(torch.optim.Optimizer):
                     g_addrs = [g.data_ptr() for g in grads]
                 self._upload_offsets(b, g_addrs, device)
                 b.g_addrs = g_addrs if grads[0] is _local(b.params[0].grad) else []
-            b.steps += 1
+            b.steps += 1  # numpy: a tenth of a torch op's host time; the state["step"] views follow
             if b.uniform:
                 scalars = reference.step_scalars(lr, beta1, beta2, group["eps"], int(b.steps[0]))
             else:
                 table = [reference.step_scalars(lr, beta1, beta2, group["eps"], n) for n in b.steps.tolist()]
                 scalars = torch.tensor(table, dtype=torch.float32).to(device)
-            kernel.adam_step(b.work, _local(b.params[0]), b.p_offs, b.g_offs, b.align, b.numels, b.elem_offs, b.block_offs,
-                             scalars, b.state1, b.state2, b.absmax1, b.absmax2, maps, beta1=beta1, beta2=beta2,
-                             decay=1.0 - lr * wd if self._decoupled else 1.0, l2=0.0 if self._decoupled else wd,
-                             launch=b.launch)
+            kernel.adam_step(b.work, _local(b.params[0]), b.p_offs, b.g_offs, b.align, b.numels, b.elem_offs,
+                             b.block_offs, scalars, b.state1, b.state2, b.absmax1, b.absmax2, _device_maps(device),
+                             beta1=beta1, beta2=beta2, decay=1.0 - lr * wd if self._decoupled else 1.0,
+                             l2=0.0 if self._decoupled else wd, launch=b.launch)
             del grads  # any contiguous copies live until after the launch (stream-ordered frees are safe)
 
     @staticmethod
@@ -379,13 +378,14 @@ class Adam8bit(torch.optim.Optimizer):
                 if new:
                     self.state[p]["step"] = 0
             as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-            steps = torch.tensor([int(self.state[p]["step"]) for p in ps], dtype=torch.int64)
+            steps = np.array([int(self.state[p]["step"]) for p in ps], dtype=np.int64)
+            views = torch.from_numpy(steps)
             for i, p in enumerate(ps):
-                self.state[p]["step"] = steps[i]  # a view: `steps += 1` advances every parameter's step
+                self.state[p]["step"] = views[i]  # a view: `steps += 1` advances every parameter's step
             index = [position[id(p)] for p in ps]
             buckets.append(_Bucket(params=ps, index=index, whole=index == list(range(len(params))), dtype=dtype,
                                    state1=flat["state1"], state2=flat["state2"], steps=steps,
-                                   uniform=bool((steps == steps[0]).all()),
+                                   uniform=bool((steps == steps[0]).all()), device=device,
                                    absmax1=flat.get("absmax1"), absmax2=flat.get("absmax2"),
                                    work=work_list(numels, device, LAUNCH[dtype][0]), launch=LAUNCH[dtype],
                                    numels=as_dev(numels),
@@ -406,6 +406,14 @@ class AdamW8bit(Adam8bit):
 
 
 _MAPS: dict[torch.device, object] = {}
+
+
+@functools.cache
+def _kernel_module():
+    """qtune.kernels.adam8bit, imported on the first fused step (it imports Triton)."""
+    from ..kernels import adam8bit
+
+    return adam8bit
 
 
 def _device_maps(device: torch.device):
