@@ -3,9 +3,10 @@ product or a quantize call spends its microseconds before and around its kernels
 
     python scripts/profile_host.py
 
-For Linear4bit (13824x5120, NF4 + double quant, bf16) at M = 1, 16, 64 and for quantize_4bit at
-4096x4096 and 13824x5120: the host time per call (calls issued back to back, then one sync),
-do_bench's time, the kernels' GPU time (torch.profiler), and the top host-side ops by self time.
+For Linear4bit (13824x5120, NF4 + double quant, bf16) at M = 1, 16, 64, its forward + input
+gradient at M = 4096 against bf16 nn.Linear's, and quantize_4bit at 4096x4096 and 13824x5120: the
+host time per call (calls issued back to back, then one sync), do_bench's time, the kernels' GPU
+time per kernel (torch.profiler), and the top host-side ops by self time.
 """
 
 from __future__ import annotations
@@ -47,8 +48,13 @@ def gpu_us(fn) -> tuple[float, list[tuple[str, float]]]:
             fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    gpu = sum(e.device_time_total for e in events if e.device_time_total and "Memcpy" not in e.key) / 20
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    gpu = sum(e.device_time for e in kernels if "Memcpy" not in e.name) / 20
+    per_kernel: dict[str, float] = {}
+    for e in kernels:
+        per_kernel[e.name[:30]] = per_kernel.get(e.name[:30], 0.0) + e.device_time / 20
     top = sorted(((e.key, e.self_cpu_time_total / 20) for e in events), key=lambda t: -t[1])[:6]
+    print("    kernels (us per call): " + ", ".join(f"{k} {v:.1f}" for k, v in per_kernel.items()))
     return gpu, top
 
 
@@ -69,9 +75,15 @@ def main() -> None:
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
             report(f"Linear4bit M={m:3}", lambda: q(x))
             report(f"launcher   M={m:3}", lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors))
+    x = torch.randn(4096, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(4096, N, device="cuda", dtype=torch.bfloat16)
+    lin.weight.requires_grad_(False)
+    report("forward + dX M=4096, Linear4bit", lambda: torch.autograd.grad(q(x), x, dy))
+    report("forward + dX M=4096, bf16 Linear", lambda: torch.autograd.grad(lin(x), x, dy))
     for shape in ((4096, 4096), (N, K)):
         w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         report(f"quantize {shape}", lambda: quantize_4bit(w, 64, "nf4", True))
+        report(f"quantize {shape} without double quant", lambda: quantize_4bit(w, 64, "nf4", False))
 
 
 if __name__ == "__main__":
