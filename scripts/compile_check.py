@@ -63,7 +63,7 @@ def main() -> None:
                "stride_dxm": "i32"}
         c = {"BS": 64, "NESTED": nested, "DOT": dot, "PRECISION": prec, "BLOCK_M": 16, "BLOCK_N": 64}
         print(f"bwd sm_{arch} {dt} nested={nested}: {compile_one(mm._bwd_kernel, sig, c, arch)}")
-        sig = {"x_ptr": P[dt], "packed_ptr": "*u8", "absmax_ptr": "*fp32", "bad_ptr": "*i32", "t_ptr": "*fp32",
+        sig = {"x_ptr": P[dt], "packed_ptr": "*u8", "absmax_ptr": "*fp32", "t_ptr": "*fp32",
                "mags_ptr": "*u8", "n": "i64", "n_bytes": "i64", "n_blocks": "i64"}
         for fp4 in (False, True):
             c = {"FP4": fp4, "BLOCKSIZE": 64, "NB": 32}

@@ -67,9 +67,9 @@ def _non_finite_error(bad: int, A: torch.Tensor, name: str) -> ValueError:
 
 @functools.cache
 def _device_tables(quant_type: str, device: torch.device):
-    """(code table, rounding thresholds padded with +inf to 16 (NF4) or 8 (FP4) entries, FP4 magnitude
-    nibbles or None, nested 8-bit map) on `device`, copied there once: a host-to-device copy per
-    quantized tensor would stall the stream."""
+    """(code table, the kernel's rounding table, FP4 magnitude nibbles or None, nested 8-bit map) on
+    `device`, copied there once: a host-to-device copy per quantized tensor would stall the stream."""
+    from ..kernels.quantize import threshold_table
     from .codes import code_table, dynamic_map, fp4_magnitude_tables, nf4_thresholds
 
     if quant_type == "nf4":
@@ -77,14 +77,16 @@ def _device_tables(quant_type: str, device: torch.device):
     else:
         thresholds, mags = fp4_magnitude_tables()
         mags = mags.to(device)
-    thresholds = torch.cat([thresholds.float(), torch.tensor([float("inf")])])
-    return code_table(quant_type).to(device), thresholds.to(device), mags, dynamic_map(True).to(device)
+    table = threshold_table(thresholds, signed=quant_type == "nf4")
+    return code_table(quant_type).to(device), table.to(device), mags, dynamic_map(True).to(device)
 
 
 def _quantize_4bit_kernel(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool,
                           quant_storage: torch.dtype, name: str) -> tuple[torch.Tensor, QuantState]:
-    """The Triton path of quantize_4bit: same bytes and state as the reference. Counts non-finite
-    inputs in the same pass and checks the count once at the end (one host synchronisation)."""
+    """The Triton path of quantize_4bit: same bytes and state as the reference. A block holding NaN
+    or Inf gets a non-finite absmax, so the nested offset (or the largest absmax) tells, read once at
+    the end (one host synchronisation); the values are counted only for the error. The states share
+    the device's code tables (read-only; to_dict and QuantState.to copy them)."""
     from ..kernels import quantize as kq
     from .state import NestedState
 
@@ -94,19 +96,21 @@ def _quantize_4bit_kernel(A: torch.Tensor, blocksize: int, quant_type: str, doub
     if padded > n_bytes:
         packed[n_bytes:].zero_()
     code, thresholds, mags, nested_code = _device_tables(quant_type, A.device)
-    absmax, bad = kq.quantize_4bit(A.contiguous(), blocksize, quant_type == "fp4", thresholds,
-                                   packed if mags is None else mags, packed)
+    absmax = kq.quantize_4bit(A.contiguous(), blocksize, quant_type == "fp4", thresholds,
+                              packed if mags is None else mags, packed)
     state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type,
-                       code=code.clone())
+                       code=code)
     if double_quant:
-        offset = absmax.mean()
-        nested_code = nested_code.clone()
+        offset = check = absmax.mean()
         q, absmax2 = kq.quantize_blockwise_8bit(absmax, offset, nested_code)
         state.absmax = q
         state.nested = NestedState(absmax=absmax2, code=nested_code, offset=offset)
-    bad = int(bad)
-    if bad:
-        raise _non_finite_error(bad, A, name)
+    else:
+        check = absmax.amax()
+    if not math.isfinite(float(check)):  # NaN/Inf in A (or a mean past float32's range: counted to be sure)
+        bad = int((~torch.isfinite(A)).sum())
+        if bad:
+            raise _non_finite_error(bad, A, name)
     return packed.view(quant_storage).reshape(-1, 1), state
 
 
