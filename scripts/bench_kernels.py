@@ -114,6 +114,9 @@ def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
     if m <= 16:
         return [(16, bn, 4, st, lut, sk, nb) for bn in (32, 64) for st in (3, 4) for lut in (0, 2) for sk in (1, 2, 4, 8)
                 for nb in (1, 2, 4)] + [(16, bn, 4, 1, 1, sk, 1) for bn in (32, 64) for sk in (1, 4)]
+    if m >= 256:  # one tile of M where it fits, so that each weight tile is decoded once
+        return [(bm, bn, w, 3, 2, sk, nb) for bm in (64, 128, 256) for bn in (64, 128) for w in ((8,) if bm >= 128 else (4,))
+                for sk in (1, 2) for nb in (1, 2) if bm * bn <= 256 * 128]
     bms = {32: (32,), 64: (64,), 128: (64, 128)}.get(m, (128,))
     return [(bm, bn, w, st, lut, sk, nb) for bm in bms for bn in (64, 128) for w in ((4, 8) if bm >= 128 else (4,))
             for st in (3, 4) for lut in (0, 2) for sk in (1, 2, 4) for nb in (1, 2) if bm * bn <= 256 * 128] + \
@@ -123,7 +126,8 @@ def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
 def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, LUT kind) for the CUDA-core GEMV."""
     bm = min(m, 8)
-    return ([(bm, bn, bk, w, lut) for bn in (8, 16, 32) for bk in (512, 1024) for w in (4, 8) for lut in (0, 1, 2)])
+    return ([(bm, bn, bk, w, lut) for bn in (8, 16, 32) for bk in (512, 1024) for w in (4, 8) for lut in (0, 1, 2)]
+            + [(bm, bn, bk, w, lut) for bn in (2, 4, 8) for bk in (256, 512) for w in (1, 2) for lut in (0, 2)])
 
 
 def sweep_gemv(rows: list, ms: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:
@@ -135,7 +139,7 @@ def sweep_gemv(rows: list, ms: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:
         want = mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=_config_for(m)).float()
         t_k = bench(lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=_config_for(m)))
         t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
-        best = (1e9, None)
+        best, times = (1e9, None), {}
         for cfg in _gemv_candidates(m):
             try:
                 y = mm.gemv(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg)
@@ -145,10 +149,11 @@ def sweep_gemv(rows: list, ms: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:
             except Exception as e:  # out of resources
                 print(f"  gemv M={m} {cfg}: {type(e).__name__} {e}", file=sys.stderr)
                 continue
-            best = min(best, (t, cfg))
+            best, times[cfg] = min(best, (t, cfg)), t
         rows.append({"op": "sweep_gemv", "M": m, "best": best, "tiled_ms": t_k, "dequant_cublas_ms": t_d})
         print(f"M={m:4}: gemv best {best[0] * 1e3:6.1f} us {best[1]} vs tiled fused {t_k * 1e3:6.1f} us, "
-              f"dequantize+cuBLAS {t_d * 1e3:6.1f} us", flush=True)
+              f"dequantize+cuBLAS {t_d * 1e3:6.1f} us; next: "
+              + ", ".join(f"{c} {t * 1e3:.1f}" for c, t in sorted(times.items(), key=lambda kv: kv[1])[1:6]), flush=True)
 
 
 def sweep_formats(rows: list, bw: float) -> None:
