@@ -286,9 +286,12 @@ def supported(K: int, blocksize: int) -> bool:
     return blocksize <= MAX_BLOCKSIZE and K % blocksize == 0
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as triton.jit read it when it made the kernels
+
+
 def _dot_dtype(dtype: torch.dtype):
     # Triton's interpreter gets bf16 arithmetic wrong (DESIGN.md): it multiplies in fp32 instead.
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+    if dtype == torch.bfloat16 and _INTERPRET:
         return tl.float32, "ieee"
     return TL_DTYPES[dtype], "ieee" if dtype == torch.float32 else "tf32"
 
@@ -329,7 +332,7 @@ _LOCKS: dict[tuple[int, int], torch.Tensor] = {}
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 split-K tile counters for the current stream (each launch leaves them zeroed)."""
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (-1, 0)
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index)) if device.type == "cuda" else (-1, 0)
     lock = _LOCKS.get(key)
     if lock is None or lock.numel() < n:
         lock = _LOCKS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
