@@ -4,7 +4,7 @@ product or a quantize call spends its microseconds before and around its kernels
     python scripts/profile_host.py
 
 For Linear4bit (13824x5120, NF4 + double quant, bf16) at M = 1, 16, 64, its forward + input
-gradient at M = 4096 against bf16 nn.Linear's, and quantize_4bit at 4096x4096 and 13824x5120: the
+gradient at M = 1 and 4096 against bf16 nn.Linear's, and quantize_4bit at 4096x4096 and 13824x5120: the
 host time per call (calls issued back to back, then one sync), do_bench's time, the kernels' GPU
 time per kernel (torch.profiler), and the top host-side ops by self time.
 """
@@ -75,15 +75,22 @@ def main() -> None:
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
             report(f"Linear4bit M={m:3}", lambda: q(x))
             report(f"launcher   M={m:3}", lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors))
-    x = torch.randn(4096, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(4096, N, device="cuda", dtype=torch.bfloat16)
     lin.weight.requires_grad_(False)
-    report("forward + dX M=4096, Linear4bit", lambda: torch.autograd.grad(q(x), x, dy))
-    report("forward + dX M=4096, bf16 Linear", lambda: torch.autograd.grad(lin(x), x, dy))
+    for m in (1, 4096):
+        x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(m, N, device="cuda", dtype=torch.bfloat16)
+        report(f"forward + dX M={m}, Linear4bit", lambda: torch.autograd.grad(q(x), x, dy))
+        report(f"forward + dX M={m}, bf16 Linear", lambda: torch.autograd.grad(lin(x), x, dy))
     for shape in ((4096, 4096), (N, K)):
         w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         report(f"quantize {shape}", lambda: quantize_4bit(w, 64, "nf4", True))
         report(f"quantize {shape} without double quant", lambda: quantize_4bit(w, 64, "nf4", False))
+    from qtune.kernels import launch
+
+    counts: dict[str, int] = {}
+    for k in launch._COMPILED or {}:
+        counts[str(k[0])] = counts.get(str(k[0]), 0) + 1
+    print(f"cached launches: {len(launch._COMPILED or {})} specializations over {len(counts)} kernels")
 
 
 if __name__ == "__main__":
