@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from ..quant.codes import FLOAT_DTYPES
 from . import reference
 from .reference import BLOCK, state_maps
-
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 try:
     from torch.distributed.tensor import DTensor
