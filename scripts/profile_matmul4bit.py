@@ -1,0 +1,25 @@
+"""A few launches of the 4-bit forward at one M (13824x5120, NF4 + double quant, bf16), for Nsight
+Compute:
+
+    ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \\
+        -k regex:"_gemv|_fwd" --launch-skip 3 --launch-count 1 python3 scripts/profile_matmul4bit.py 16
+"""
+
+import sys
+
+import torch
+
+from qtune.kernels import matmul4bit as mm
+from qtune.nn import Linear4bit
+
+N, K = 13824, 5120
+
+m = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+q = Linear4bit.from_linear(lin, double_quant=True)
+s = q.quant_state
+x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+for _ in range(6):
+    mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors)
+torch.cuda.synchronize()
+print(f"M={m}: config {mm._config(m, torch.bfloat16) if m > mm.GEMV_MAX_M else mm.GEMV_CONFIG}")
