@@ -35,8 +35,6 @@ BWD_MAX_M = 0
 # The CUDA-core GEMV for a single row (54 us vs the tiled kernel's 68 at M=1; slower from M=2).
 GEMV_MAX_M = 1
 GEMV_CONFIG = (1, 16, 512, 4, 0)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, LUT kind (_lookup)
-# Register caps (ptxas maxnreg) per kernel, None for none; read at launch (bench_kernels.py --sweep-regs).
-MAXNREG: dict[str, int | None] = {"fwd": None, "gemv": None}
 
 
 @triton.jit
@@ -364,7 +362,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
            bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0),
            BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, DOT=dot,
            PRECISION=precision, LUT=int(lut), BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k,
-           NBLK=nblk, num_warps=warps, num_stages=1 if lut == 1 else stages, maxnreg=MAXNREG["fwd"])
+           NBLK=nblk, num_warps=warps, num_stages=1 if lut == 1 else stages)
     return y
 
 
@@ -386,7 +384,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     launch(_gemv_kernel, grid, x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
            bias if bias is not None else x, y, M, N, K, x.stride(0), K // 2, y.stride(0),
            BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT=int(lut),
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1, maxnreg=MAXNREG["gemv"])
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1)
     return y
 
 

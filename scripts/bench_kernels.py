@@ -188,29 +188,6 @@ def sweep_formats(rows: list, bw: float) -> None:
                      "quantize": {str(k): v for k, v in qt.items()}})
 
 
-def sweep_regs(rows: list, ms: tuple[int, ...] = (1, 16, 64)) -> None:
-    """The default fused configs at a few M under register caps (matmul4bit.MAXNREG): more programs
-    per SM for fewer registers each, as the optimizer's kernel gained."""
-    _, q, _ = layers()
-    s = q.quant_state
-    for m in ms:
-        x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
-        kind = "gemv" if m <= mm.GEMV_MAX_M else "fwd"
-        want = mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors).float()
-        times = {}
-        for cap in (None, 128, 96, 80, 72, 64):
-            mm.MAXNREG[kind] = cap
-            try:
-                y = mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors).float()
-                assert ((y - want).norm() / want.norm()) < 1e-2, cap
-                times[cap] = bench(lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors))
-            except Exception as e:  # noqa: BLE001 - out of resources
-                print(f"  M={m} cap {cap}: {type(e).__name__} {e}", file=sys.stderr)
-        mm.MAXNREG[kind] = None
-        rows.append({"op": "sweep_regs", "M": m, "kernel": kind, "ms": {str(k): v for k, v in times.items()}})
-        print(f"M={m:4} {kind}: " + ", ".join(f"cap {k}: {v * 1e3:.1f} us" for k, v in times.items()), flush=True)
-
-
 def _config_for(m: int):
     return mm._config(m, torch.bfloat16)
 
@@ -250,7 +227,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="search the fused kernels' launch configs per M")
     ap.add_argument("--sweep-formats", action="store_true", help="search dequantize's and quantize's launch shapes")
-    ap.add_argument("--sweep-regs", action="store_true", help="time the fused kernels under register caps")
     ap.add_argument("--sweep-m", type=int, nargs="*", default=[1, 16, 32, 64, 128, 256],
                     help="the rows --sweep tries with the tiled kernel (each M compiles and times tens of configs)")
     ap.add_argument("--sweep-gemv-m", type=int, nargs="*", default=[1, 2, 4, 8, 16],
@@ -272,8 +248,6 @@ def main() -> None:
         print(f"device copy: {bw:.0f} GB/s")
         if args.sweep_formats:
             sweep_formats(rows, bw)
-        if args.sweep_regs:
-            sweep_regs(rows)
         if "formats" in args.parts:
             bench_formats(rows, bw)
         if "matmul" in args.parts:
