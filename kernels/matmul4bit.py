@@ -32,9 +32,11 @@ MAX_BLOCKSIZE = 256
 # us at M=1/16/64 against 126-136 us for dequantize + cuBLAS.
 FWD_MAX_M = 64
 BWD_MAX_M = 0
-# The CUDA-core GEMV for a single row (54 us vs the tiled kernel's 68 at M=1; slower from M=2).
+# The CUDA-core GEMV for a single row (54 us vs the tiled kernel's 68 at M=1; slower from M=2: 66 us
+# against 56 at M=2). Nibble lookups (kind 3): 38.0-38.9 us at M=1 against 52.1 with the register
+# table (kind 0), the best of 27 shapes tried with kind 3 on one H100 (--sweep now tries kind 3 too).
 GEMV_MAX_M = 1
-GEMV_CONFIG = (1, 16, 512, 4, 0)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, LUT kind (_lookup)
+GEMV_CONFIG = (1, 16, 512, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, LUT kind (_lookup)
 
 
 @triton.jit
@@ -86,9 +88,12 @@ def _pair_table(code_ptr, DOT: tl.constexpr):
 
 @triton.jit
 def _code_table(code_ptr, COLS: tl.constexpr, AXIS: tl.constexpr, LUT: tl.constexpr, DOT: tl.constexpr):
-    """What _lookup reads for LUT kind 0 (registers) or 2 (byte pairs); kind 1 reads code_ptr itself."""
+    """What _lookup reads for LUT kind 0 (registers), 2 (byte pairs) or 3 (the 16 float32 codes);
+    kind 1 reads code_ptr itself."""
     if LUT == 2:
         table = _pair_table(code_ptr, DOT)
+    elif LUT == 3:
+        table = tl.load(code_ptr + tl.arange(0, 16))
     else:
         table = _table(code_ptr, COLS, AXIS, DOT)
     return table
@@ -98,10 +103,14 @@ def _code_table(code_ptr, COLS: tl.constexpr, AXIS: tl.constexpr, LUT: tl.conste
 def _lookup(code_ptr, table, byte, AXIS: tl.constexpr, LUT: tl.constexpr, DOT: tl.constexpr):
     """The two values of each byte, by LUT kind: 0 from the 16-entry table in registers (shuffles),
     1 from the 64-byte code table through L1 (kernels launched unpipelined, so the lookups stay
-    loads), 2 from the 256-entry table of byte pairs gathered from shared memory (one read per byte)."""
+    loads), 2 from the 256-entry table of byte pairs gathered from shared memory (one read per byte),
+    3 from the 16 float32 codes gathered per nibble (16 words in 16 banks: no bank conflicts)."""
     if LUT == 1:
         b = byte.to(tl.int32)
         hi, lo = tl.load(code_ptr + (b >> 4)).to(DOT), tl.load(code_ptr + (b & 15)).to(DOT)
+    elif LUT == 3:
+        b = byte.to(tl.int32)
+        hi, lo = gather(table, b >> 4).to(DOT), gather(table, b & 15).to(DOT)
     elif LUT == 2:
         w = gather(table, byte.to(tl.int32))
         if DOT == tl.float32:
@@ -202,9 +211,9 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Few rows of X on CUDA cores: each program reads BLOCK_N rows of W once, BLOCK_K values (several
     absmax blocks, contiguous bytes) per step, for all BLOCK_M rows of X; float32 throughout. The
-    nibbles are looked up as _lookup's LUT kind says (through L1, the 64-byte table is one cache
-    line: a warp's lookups are served at once; launched unpipelined so they stay lookups, with the
-    next step's bytes and absmax loaded by hand while this step computes)."""
+    nibbles are looked up as _lookup's LUT kind says (by default kind 3, the 16 codes from shared
+    memory; launched unpipelined so kind 1's loads stay lookups, with the next step's bytes and
+    absmax loaded by hand while this step computes)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -300,13 +309,13 @@ def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind (_lookup), SPLIT_K) by the number of
     rows (scripts/bench_kernels.py --sweep); float32 tiles stay small enough for sm_75's 64 KiB of
     shared memory."""
-    if M <= 16:  # byte-pair lookups (kind 2): 60.3 us at M=16 against 69.9 with registers (kind 0)
-        return 16, 64, 4, 3, 2 if dtype != torch.float32 else 0, 4
+    if M <= 16:  # nibble lookups (kind 3): 56.9-57.2 us at M=16 against 59.9 with byte pairs (kind 2), 69.9
+        return 16, 64, 4, 3, 3 if dtype != torch.float32 else 0, 4  # with registers (kind 0)
     if dtype == torch.float32:
         return (32 if M <= 32 else 64), 64, 4, 3, 0, 2 if M <= 64 else 1
     if M <= 32:
         return 32, 128, 4, 4, 0, 2
-    if M <= 64:  # kind 2: 74.3 us against 93 with kind 0
+    if M <= 64:  # kind 2: 73.3-74.3 us against 78.8 with kind 3, 93 with kind 0
         return 64, 128, 4, 3, 2, 2
     return 128, 128, 8, 3, 0, 1
 
@@ -371,7 +380,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
          nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None = None,
          config: tuple[int, int, int, int, bool] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """As `forward`, on CUDA cores for few rows; config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-    LUT kind: 0 registers, 1 L1, 2 byte pairs in shared memory; booleans read as 0/1)."""
+    LUT kind: 0 registers, 1 L1, 2 byte pairs, 3 nibbles from shared memory; booleans read as 0/1)."""
     M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     bm, bn, bk, warps, lut = config or GEMV_CONFIG

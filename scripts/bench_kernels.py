@@ -110,24 +110,24 @@ def bench_matmul(rows: list) -> None:
 
 def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K, NBLK) to try at m rows (LUT kind:
-    0 registers, 1 L1, 2 byte pairs in shared memory; matmul4bit._lookup)."""
+    0 registers, 1 L1, 2 byte pairs in shared memory, 3 nibbles from shared memory; matmul4bit._lookup)."""
     if m <= 16:
-        return [(16, bn, 4, st, lut, sk, nb) for bn in (32, 64) for st in (3, 4) for lut in (0, 2) for sk in (1, 2, 4, 8)
+        return [(16, bn, 4, st, lut, sk, nb) for bn in (32, 64) for st in (3, 4) for lut in (0, 2, 3) for sk in (1, 2, 4, 8)
                 for nb in (1, 2, 4)] + [(16, bn, 4, 1, 1, sk, 1) for bn in (32, 64) for sk in (1, 4)]
     if m >= 256:  # one tile of M where it fits, so that each weight tile is decoded once
         return [(bm, bn, w, 3, 2, sk, nb) for bm in (64, 128, 256) for bn in (64, 128) for w in ((8,) if bm >= 128 else (4,))
                 for sk in (1, 2) for nb in (1, 2) if bm * bn <= 256 * 128]
     bms = {32: (32,), 64: (64,), 128: (64, 128)}.get(m, (128,))
     return [(bm, bn, w, st, lut, sk, nb) for bm in bms for bn in (64, 128) for w in ((4, 8) if bm >= 128 else (4,))
-            for st in (3, 4) for lut in (0, 2) for sk in (1, 2, 4) for nb in (1, 2) if bm * bn <= 256 * 128] + \
+            for st in (3, 4) for lut in (0, 2, 3) for sk in (1, 2, 4) for nb in (1, 2) if bm * bn <= 256 * 128] + \
         [(bm, 64, 4, 1, 1, 1, 1) for bm in bms]
 
 
 def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, LUT kind) for the CUDA-core GEMV."""
     bm = min(m, 8)
-    return ([(bm, bn, bk, w, lut) for bn in (8, 16, 32) for bk in (512, 1024) for w in (4, 8) for lut in (0, 1, 2)]
-            + [(bm, bn, bk, w, lut) for bn in (2, 4, 8) for bk in (256, 512) for w in (1, 2) for lut in (0, 2)])
+    return ([(bm, bn, bk, w, lut) for bn in (8, 16, 32) for bk in (512, 1024) for w in (4, 8) for lut in (0, 1, 2, 3)]
+            + [(bm, bn, bk, w, lut) for bn in (2, 4, 8) for bk in (256, 512) for w in (1, 2) for lut in (0, 2, 3)])
 
 
 def sweep_gemv(rows: list, ms: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:

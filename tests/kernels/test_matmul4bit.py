@@ -41,11 +41,11 @@ def test_kernels_match_reference(M, N, K, quant_type, blocksize, double_quant, d
     y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
     mm.forward(x, packed, state.absmax, state.code, N, blocksize, state.nested_tensors, bias, out=y)
     assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[dtype]
-    for lut in (1, 2):  # the tiled kernel with the code table read through L1, or byte pairs from shared memory
+    for lut in (1, 2, 3):  # the tiled kernel: code table through L1, byte pairs or nibbles from shared memory
         y.fill_(float("nan"))
         mm.forward(x, packed, state.absmax, state.code, N, blocksize, state.nested_tensors, bias, (16, 32, 4, 1, lut), y)
         assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[dtype], lut
-    for config in ((4, 8, 512, 4, 1), (2, 16, 128, 2, 0), (1, 16, 256, 4, 2)):  # the CUDA-core GEMV
+    for config in ((4, 8, 512, 4, 1), (2, 16, 128, 2, 0), (1, 16, 256, 4, 2), (1, 8, 256, 2, 3)):  # the GEMV
         y.fill_(float("nan"))
         mm.gemv(x, packed, state.absmax, state.code, N, blocksize, state.nested_tensors, bias, config=config, out=y)
         assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[dtype], config
