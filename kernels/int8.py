@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
-from .launch import cdiv
+from .launch import cdiv, next_power_of_2
 from .rounding import TL_DTYPES, to_dtype_rne
 
 QUANT_BLOCK_K = 1024  # columns per step of the row-wise quantizer
@@ -85,7 +85,7 @@ def quantize_rows(x: torch.Tensor, mask: torch.Tensor | None = None, codes: torc
     if M:
         m = x if mask is None else mask.view(torch.uint8)
         _quantize_rows_kernel[(M,)](x, m, codes, absmax, K, x.stride(0), HAS_MASK=mask is not None,
-                                    BLOCK_K=min(QUANT_BLOCK_K, triton.next_power_of_2(K)),
+                                    BLOCK_K=min(QUANT_BLOCK_K, next_power_of_2(K)),
                                     num_warps=4, enable_fp_fusion=False)
     return codes, absmax
 

@@ -27,6 +27,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as triton.next_power_of_2 without its ~2 us."""
+    return 1 << (n - 1).bit_length()
+
+
 def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None,
            enable_fp_fusion: bool = True, key: tuple | None = None, **consts) -> None:
     """kernel[grid](*args, **consts, **options) for the options named. `args` are the kernel's

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
-from .launch import cdiv, launch
+from .launch import cdiv, launch, next_power_of_2
 from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
 
@@ -357,8 +357,8 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     nested_code, offset). `config`: as _config returns, optionally with NBLK (absmax blocks per
     iteration) after SPLIT_K."""
     M, K = x.shape
-    if config is None and M <= GEMV_MAX_M:
-        return gemv(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
+    if config is None and M <= GEMV_MAX_M:  # (already on x's device)
+        return gemv.__wrapped__(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     bm, bn, warps, stages, lut, *rest = config or _config(M, x.dtype)
     split_k, nblk = _runs(K // blocksize, *rest)
@@ -384,7 +384,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     bm, bn, bk, warps, lut = config or GEMV_CONFIG
-    bm = min(bm, triton.next_power_of_2(M))
+    bm = min(bm, next_power_of_2(M))
     bk = max(bk, blocksize)
     while K % bk:  # the largest power of two <= bk that divides K (blocksize does)
         bk //= 2

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
+from .launch import next_power_of_2
 from .rounding import TL_DTYPES, to_dtype_rne
 
 
@@ -50,7 +51,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Te
     y = torch.empty_like(x2)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     N = x2.shape[1]
-    block = triton.next_power_of_2(N)
+    block = next_power_of_2(N)
     if x2.shape[0]:
         _rmsnorm_fwd[(x2.shape[0],)](x2, weight, y, rstd, N, x2.stride(0), eps, DTYPE=TL_DTYPES[x.dtype], BLOCK=block,
                                     num_warps=min(16, max(1, block // 512)))
@@ -63,7 +64,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torc
     dy2, x2 = _rows(dy.to(x.dtype)), _rows(x)
     dx = torch.empty_like(x2)
     N = x2.shape[1]
-    block = triton.next_power_of_2(N)
+    block = next_power_of_2(N)
     if x2.shape[0]:
         _rmsnorm_bwd[(x2.shape[0],)](dy2, x2, weight, rstd, dx, N, x2.stride(0), DTYPE=TL_DTYPES[x.dtype], BLOCK=block,
                                     num_warps=min(16, max(1, block // 512)))

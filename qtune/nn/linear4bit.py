@@ -73,9 +73,10 @@ def _forward(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: tor
     kernels = _fused(x, state, backward=False)
     if kernels is not None:
         check_packed_size(packed, state)
-        y = kernels.forward(x.reshape(-1, x.shape[-1]).contiguous(), packed, state.absmax, state.code,
-                            state.shape[0], state.blocksize, state.nested_tensors, bias)
-        return y.view(*x.shape[:-1], state.shape[0])
+        x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, x.shape[-1]).contiguous()
+        y = kernels.forward(x2, packed, state.absmax, state.code, state.shape[0], state.blocksize,
+                            state.nested_tensors, bias)
+        return y if x2 is x else y.view(*x.shape[:-1], state.shape[0])
     return _y_in_pieces(x, packed, state, bias)
 
 
@@ -240,9 +241,13 @@ class Linear4bit(nn.Linear):
         return dequantize_4bit(self.weight, self.quant_state, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = self.quant_state
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return matmul_4bit(x.to(self.compute_dtype), self.weight, state, bias).to(x.dtype)
+        state = self._state
+        if state is None:
+            self._check_quantized()
+        dtype, bias = self.compute_dtype, self.bias
+        bias = None if bias is None else bias.to(dtype)
+        y = matmul_4bit(x if x.dtype == dtype else x.to(dtype), self.weight, state, bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # Device moves apply to the packed weight and the quant state, dtype casts never do:
