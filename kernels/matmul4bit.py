@@ -309,8 +309,8 @@ def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind (_lookup), SPLIT_K) by the number of
     rows (scripts/bench_kernels.py --sweep); float32 tiles stay small enough for sm_75's 64 KiB of
     shared memory."""
-    if M <= 16:  # nibble lookups (kind 3): 56.9-57.2 us at M=16 against 59.9 with byte pairs (kind 2), 69.9
-        return 16, 64, 4, 3, 3 if dtype != torch.float32 else 0, 4  # with registers (kind 0)
+    if M <= 16:  # nibble lookups (kind 3): 56.9-57.2 us at M=16; byte pairs (kind 2) 59.9, registers 69.9
+        return 16, 64, 4, 3, 3 if dtype != torch.float32 else 0, 4
     if dtype == torch.float32:
         return (32 if M <= 32 else 64), 64, 4, 3, 0, 2 if M <= 64 else 1
     if M <= 32:
