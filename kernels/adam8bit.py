@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .device import on_tensor_device
-from .launch import launch
+from . import launch as launcher
 from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
 
@@ -230,7 +230,7 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
               numels: torch.Tensor, elem_offs: torch.Tensor, block_offs: torch.Tensor,
               scalars: torch.Tensor | tuple[float, float], state1: torch.Tensor, state2: torch.Tensor,
               absmax1: torch.Tensor | None, absmax2: torch.Tensor | None, maps: StateMaps, *, beta1: float,
-              beta2: float, decay: float, l2: float, launch: tuple[int, int]) -> None:
+              beta2: float, decay: float, l2: float, launch: tuple[int, ...]) -> None:
     """Launch one step over a work list. Parameters and gradients are contiguous tensors of
     p_base's dtype at element offsets p_offs / g_offs (int64 device tables, from
     `element_offsets`, all multiples of `align`) from p_base. Other tables, indexed by slot:
@@ -244,19 +244,14 @@ def adam_step(work: torch.Tensor, p_base: torch.Tensor, p_offs: torch.Tensor, g_
     per_tensor = isinstance(scalars, torch.Tensor)
     dummy = state1 if eight_bit else maps.table1
     step_size, eps_hat = (0.0, 0.0) if per_tensor else scalars
-    args = (work, p_base, p_offs, g_offs, numels, elem_offs, block_offs, scalars if per_tensor else maps.table1,
-            state1, state2, absmax1 if eight_bit else dummy, absmax2 if eight_bit else dummy,
-            maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2, step_size, eps_hat)
-    consts = (TL_DTYPES[p_base.dtype], eight_bit, l2 != 0.0, decay != 1.0, per_tensor, align, LUT_SHARED, launch[0],
-              BLOCK)
-    _launch((work.shape[0],), args, consts, tuple(launch[1:]), p_base)
-
-
-def _launch(grid: tuple[int], args: tuple, consts: tuple, shape: tuple, p_base: torch.Tensor) -> None:
-    """_adam_kernel[grid](*args, *consts) with `shape` = (warps,) or (warps, register cap). Of the
-    arguments only p_base's address can change how Triton specializes the kernel (every other tensor
-    is an allocation of this module's callers, aligned; the integers are fixed per device), so its
-    16-byte alignment is the launch's key."""
-    names = ("P_DTYPE", "EIGHT_BIT", "USE_L2", "USE_DECAY", "PER_TENSOR_STEP", "ALIGN", "SHARED", "NB", "BLOCK_SIZE")
-    launch(_adam_kernel, grid, *args, num_warps=shape[0], maxnreg=shape[1] if len(shape) > 1 else None,
-           key=(p_base.data_ptr() % 16 == 0,), **dict(zip(names, consts)))
+    # Of the arguments only p_base's address can change how Triton specializes the kernel (every other
+    # tensor is an allocation of this module's callers, aligned; the floats are floats), so its
+    # 16-byte alignment is the cached launch's key.
+    launcher.launch(
+        _adam_kernel, (work.shape[0],), work, p_base, p_offs, g_offs, numels, elem_offs, block_offs,
+        scalars if per_tensor else maps.table1, state1, state2, absmax1 if eight_bit else dummy,
+        absmax2 if eight_bit else dummy, maps.table1, maps.table2, beta1, beta2, 1.0 - beta1, 1.0 - beta2, decay, l2,
+        step_size, eps_hat, num_warps=launch[1], maxnreg=launch[2] if len(launch) > 2 else None,
+        key=(p_base.data_ptr() % 16 == 0,), P_DTYPE=TL_DTYPES[p_base.dtype], EIGHT_BIT=eight_bit, USE_L2=l2 != 0.0,
+        USE_DECAY=decay != 1.0, PER_TENSOR_STEP=per_tensor, ALIGN=align, SHARED=LUT_SHARED, NB=launch[0],
+        BLOCK_SIZE=BLOCK)

@@ -58,8 +58,8 @@ def dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float,
     n = x.numel()
     if n:
         _dropout_kernel[(cdiv(n, BLOCK),)](x, y, seed, seed if seed_out is None else seed_out, n,
-                                                  salt % 2**32, threshold(p), 1.0 / (1.0 - p),
-                                                  DTYPE=TL_DTYPES[x.dtype], BLOCK_SIZE=BLOCK, WIDE=n >= 2**31 - BLOCK)
+                                           salt % 2**32, threshold(p), 1.0 / (1.0 - p),
+                                           DTYPE=TL_DTYPES[x.dtype], BLOCK_SIZE=BLOCK, WIDE=n >= 2**31 - BLOCK)
     elif seed_out is not None:
         seed_out.copy_(seed)
     return y

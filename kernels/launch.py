@@ -16,10 +16,10 @@ try:  # what Triton's binder specializes each argument on (dtype, 16-byte alignm
 except ImportError:  # another Triton: every launch takes Triton's own path
     native_specialize_impl = None
 
-# Compiled kernels by (kernel, specialization, options, device). None once a direct launch failed (a
-# Triton whose launcher takes other arguments): Triton's own path from then on.
-_COMPILED: dict[tuple, object] | None = {}
-_NAMES: dict[int, tuple[str, ...]] = {}
+# (compiled kernel, names of the parameters after the positional ones) by (kernel, specialization,
+# constexprs, options, device). None once a direct launch failed (a Triton whose launcher takes other
+# arguments): Triton's own path from then on.
+_COMPILED: dict[tuple, tuple] | None = {}
 
 
 def cdiv(a: int, b: int) -> int:
@@ -47,9 +47,9 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages:
         if key is None:
             key = tuple([native_specialize_impl(CUDABackend, a, False, True, True) for a in args])
         full = (id(kernel), key, tuple(consts.values()), options, device)
-        compiled = _COMPILED.get(full)
-        if compiled is not None:
-            names = _NAMES[id(kernel)][len(args):]
+        hit = _COMPILED.get(full)
+        if hit is not None:
+            compiled, names = hit
             try:
                 values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
                 compiled.run(*grid, *(1,) * (3 - len(grid)), driver.active.get_current_stream(device),
@@ -64,8 +64,7 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages:
     compiled = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages,
                             enable_fp_fusion=enable_fp_fusion, **extra)
     compiled = compiled.result() if hasattr(compiled, "result") else compiled
-    names = tuple(kernel.arg_names)
+    names = tuple(kernel.arg_names[len(args):])
     cacheable = full is not None and _COMPILED is not None and hasattr(compiled, "run")
-    if cacheable and set(names[len(args):]) == set(consts):  # every parameter after `args` given by name
-        _NAMES[id(kernel)] = names
-        _COMPILED[full] = compiled
+    if cacheable and set(names) == set(consts):  # every parameter after `args` given by name
+        _COMPILED[full] = (compiled, names)

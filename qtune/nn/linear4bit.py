@@ -244,10 +244,8 @@ class Linear4bit(nn.Linear):
         state = self._state
         if state is None:
             self._check_quantized()
-        dtype, bias = self.compute_dtype, self.bias
-        bias = None if bias is None else bias.to(dtype)
-        y = matmul_4bit(x if x.dtype == dtype else x.to(dtype), self.weight, state, bias)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return matmul_4bit(x.to(self.compute_dtype), self.weight, state, bias).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # Device moves apply to the packed weight and the quant state, dtype casts never do:
