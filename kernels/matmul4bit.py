@@ -3,12 +3,13 @@ Y = X @ deq(W)^T (+ bias) and the input gradient dX = dY @ deq(W), and their lau
 torch and triton only.
 
 The tiled forward walks K in groups of NBLK absmax blocks (split over SPLIT_K programs for few rows),
-the input gradient walks N one block of W's rows at a time, and a CUDA-core GEMV serves a single
-row. Each reads a block's packed bytes once, looks the nibbles up in the 16-entry code table and
-applies the block's absmax (decoded from its nested 8-bit code when double-quantized). Even and odd
-columns of a byte's two values meet even and odd columns of X, so no interleaving is needed. Needs
-K % blocksize == 0 and blocksize <= 256; callers fall back to dequantize + cuBLAS otherwise and
-where that is faster.
+looking the nibbles up in the 16-entry code table; for up to 16 rows in 16 bits it computes Y^T
+instead, with the codes decoded in registers as the MMA's register operand (nibbles.decode). The
+input gradient walks N one block of W's rows at a time, and a CUDA-core GEMV serves a single row
+(split over K, the row of X held in registers). Each reads a block's packed bytes once and applies
+the block's absmax (decoded from its nested 8-bit code when double-quantized) to the block's partial
+product or to the codes. Needs K % blocksize == 0 and blocksize <= 256; callers fall back to
+dequantize + cuBLAS otherwise and where that is faster.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import triton.language as tl
 
 from .device import on_tensor_device
 from .launch import cdiv, launch, next_power_of_2
+from . import nibbles
 from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
 
@@ -32,11 +34,18 @@ MAX_BLOCKSIZE = 256
 # us at M=1/16/64 against 126-136 us for dequantize + cuBLAS.
 FWD_MAX_M = 64
 BWD_MAX_M = 0
-# The CUDA-core GEMV for a single row (54 us vs the tiled kernel's 68 at M=1; slower from M=2: 66 us
-# against 56 at M=2). Nibble lookups (kind 3): 38.0-38.9 us at M=1 against 52.1 with the register
-# table (kind 0), the best of 27 shapes tried with kind 3 on one H100 (--sweep now tries kind 3 too).
+# The CUDA-core GEMV for a single row: program (n, k) holds X's values of the k-th run of NB absmax
+# blocks in registers and walks ROWS * STEPS rows of W. On one H100 (--sweep --sweep-gemv-m 1): 35.1 us
+# with 2 rows per step, 8 steps, 16 blocks and 1 warp (kind 3), 37.5 us for the next shapes; the
+# earlier GEMV (rows of W across the program, K walked in steps) took 37.7-38.9 us, 52.1 with kind 0.
 GEMV_MAX_M = 1
-GEMV_CONFIG = (1, 16, 512, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, LUT kind (_lookup)
+# M <= 16 in 16 bits: the codes decoded in registers as the MMA's register operand (LUT kind 4,
+# _fwd_regs_kernel; BLOCK_N 128, 4 warps, 3 stages, split-K 4): 39.6-40.1 us at M=16 against 56.3-56.9
+# with the kind 3 lookups (FALLBACK_CONFIG; byte pairs, kind 2, 59.9, registers, kind 0, 69.9), one
+# H100, scripts/bench_kernels.py --sweep. FALLBACK_CONFIG serves where no asm runs (Triton's
+# interpreter, a table first read during CUDA graph capture).
+FALLBACK_CONFIG = (16, 64, 4, 3, 3, 4)
+GEMV_CONFIG = (2, 8, 16, 1, 3)  # ROWS, STEPS, NB, num_warps, LUT kind (_lookup)
 
 
 @triton.jit
@@ -108,9 +117,9 @@ def _lookup(code_ptr, table, byte, AXIS: tl.constexpr, LUT: tl.constexpr, DOT: t
     if LUT == 1:
         b = byte.to(tl.int32)
         hi, lo = tl.load(code_ptr + (b >> 4)).to(DOT), tl.load(code_ptr + (b & 15)).to(DOT)
-    elif LUT == 3:
+    elif LUT == 3:  # one gather for both nibbles: Triton stores the table and syncs at every gather
         b = byte.to(tl.int32)
-        hi, lo = gather(table, b >> 4).to(DOT), gather(table, b & 15).to(DOT)
+        hi, lo = tl.split(gather(table, tl.join(b >> 4, b & 15)).to(DOT))
     elif LUT == 2:
         w = gather(table, byte.to(tl.int32))
         if DOT == tl.float32:
@@ -132,6 +141,30 @@ def _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIA
 
 
 @triton.jit
+def _finish_tile(acc, bias_ptr, y_ptr, ws_ptr, lock_ptr, rm, rn, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store the (BLOCK_M, BLOCK_N) tile of Y, or with SPLIT_K > 1 this program's float32 partial: it
+    is written to the workspace and counted in the tile's lock; the last to arrive sums the partials
+    in a fixed order (the result does not depend on who is last), stores the tile and resets the lock
+    for the next launch."""
+    m_mask, n_mask = rm < M, rn < N
+    if SPLIT_K == 1:
+        _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
+    else:
+        tile_mask = m_mask[:, None] & n_mask[None, :]
+        ws = ws_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(ws + tl.program_id(2).to(tl.int64) * M * N, acc, mask=tile_mask)
+        tl.debug_barrier()  # every thread's partial is written before the count (released at GPU scope)
+        lock = lock_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k in range(SPLIT_K):
+                total += tl.load(ws + k * M * N, mask=tile_mask, other=0.0, cache_modifier=".cg")
+            _store_rows(total, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
+            tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
                 y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                 BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
@@ -143,9 +176,7 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
     every run a whole number of NBLK-block groups.
 
     SPLIT_K > 1: program (n, m, k) walks the k-th of SPLIT_K runs of absmax blocks (more programs
-    and more bytes in flight when M is small), writes its float32 partial to the workspace and
-    counts itself in the tile's lock; the last to arrive sums the partials in a fixed order (the
-    result does not depend on who is last), stores the tile and resets the lock for the next launch."""
+    and more bytes in flight when M is small); _finish_tile sums the partials."""
     pid_n = tl.program_id(0)  # N fastest: programs that share X run together
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -188,65 +219,112 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
             acc = tl.dot(xe.to(DOT), (hi * scale).to(DOT), acc, input_precision=PRECISION)
             acc = tl.dot(xo.to(DOT), (lo * scale).to(DOT), acc, input_precision=PRECISION)
         byte, xv, stored = byte_n, xv_n, stored_n
-    if SPLIT_K == 1:
-        _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
-    else:
-        tile_mask = m_mask[:, None] & n_mask[None, :]
-        ws = ws_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-        tl.store(ws + pid_k.to(tl.int64) * M * N, acc, mask=tile_mask)
-        tl.debug_barrier()  # every thread's partial is written before the count (released at GPU scope)
-        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for k in range(SPLIT_K):
-                total += tl.load(ws + k * M * N, mask=tile_mask, other=0.0, cache_modifier=".cg")
-            _store_rows(total, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
-            tl.atomic_xchg(lock, 0)
+    _finish_tile(acc, bias_ptr, y_ptr, ws_ptr, lock_ptr, rm, rn, M, N, stride_ym, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _fwd_regs_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
+                     y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                     BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, DECODE: tl.constexpr,
+                     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Few rows of X, 16-bit: Y^T = deq(W) X^T, W's rows as the MMA's M dimension, so the codes are
+    the operand held in registers and each thread decodes its own bytes (nibbles.decode). Byte
+    (R/4) t + 2c + s of a block's R = BS/2 bytes feeds k pair 8c + 4s + t (X's rows permuted to
+    match): the k pairs a thread holds in the MMA fragment are contiguous bytes. One absmax block per
+    step, its float32 partial scaled by the absmax; X's and the absmax's next step load while this one
+    computes. Split-K and the store as in _fwd_kernel."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask, m_mask = rn < N, rm < M
+    R: tl.constexpr = BS // 2
+    blocks_per_row = K // BS
+    per = tl.cdiv(blocks_per_row, SPLIT_K)
+    kb0 = pid_k * per
+    kb1 = tl.minimum(kb0 + per, blocks_per_row)
+    p = tl.arange(0, R)
+    src = (R // 4) * (p % 4) + 2 * (p // 8) + (p // 4) % 2  # the byte feeding k pair p
+    x_cols = x_ptr + rm[None, :] * stride_xm + (2 * src[:, None] + tl.arange(0, 2)[None, :]).reshape(BS)[:, None]
+    w_rows = packed_ptr + rn.to(tl.int64)[:, None] * stride_wn + p[None, :]
+    a_rows = absmax_ptr + rn.to(tl.int64) * blocks_per_row
+    offset = tl.load(offset_ptr) if NESTED else 0.0
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    k_first = tl.minimum(kb0, blocks_per_row - 1)  # an empty run loads block k_first and adds nothing
+    xv = tl.load(x_cols + k_first * BS, mask=m_mask[None, :], other=0.0)
+    stored = tl.load(a_rows + k_first, mask=n_mask, other=0)
+    for kb in range(kb0, kb1):
+        kn = tl.minimum(kb + 1, kb1 - 1)
+        xv_n = tl.load(x_cols + kn * BS, mask=m_mask[None, :], other=0.0)
+        stored_n = tl.load(a_rows + kn, mask=n_mask, other=0)
+        byte = tl.load(w_rows + kb * R, mask=n_mask[:, None], other=0)
+        byte = byte.reshape(BLOCK_N, 4, R // 8, 2).permute(0, 2, 3, 1).reshape(BLOCK_N, R)  # k pair order
+        hi, lo = nibbles.decode(byte, DECODE, DOT)
+        part = tl.dot(tl.join(hi, lo).reshape(BLOCK_N, BS), xv)
+        am = _absmax(stored, rn.to(tl.int64) * blocks_per_row + kb, n_mask, nested_absmax_ptr, nested_code_ptr,
+                     offset, NESTED)
+        acc += part * am[:, None]
+        xv, stored = xv_n, stored_n
+    _finish_tile(tl.trans(acc), bias_ptr, y_ptr, ws_ptr, lock_ptr, rm, rn, M, N, stride_ym, HAS_BIAS, SPLIT_K,
+                 BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
-                 y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                 y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, LUT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Few rows of X on CUDA cores: each program reads BLOCK_N rows of W once, BLOCK_K values (several
-    absmax blocks, contiguous bytes) per step, for all BLOCK_M rows of X; float32 throughout. The
-    nibbles are looked up as _lookup's LUT kind says (by default kind 3, the 16 codes from shared
-    memory; launched unpipelined so kind 1's loads stay lookups, with the next step's bytes and
-    absmax loaded by hand while this step computes)."""
+                 ROWS: tl.constexpr, STEPS: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One row of X on CUDA cores. Program (n, k, m) holds row m's values of the k-th run of NB absmax
+    blocks in registers and walks ROWS * STEPS rows of W against them, ROWS per step (its packed
+    bytes read once, 16 per thread), float32 throughout; each row's dot over a block is scaled by the
+    block's absmax once. The SPLIT_K partials meet as in _fwd_kernel: written to the workspace, summed
+    in a fixed order by the last program of the row group to arrive."""
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = rm < M, rn < N
-    hk = tl.arange(0, BLOCK_K // 2)
-    bk = tl.arange(0, BLOCK_K // BS)
-    blocks_per_row = K // BS
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    g = tl.arange(0, NB)
+    col = pid_k * (NB * BS // 2) + tl.arange(0, NB * BS // 2)  # byte columns of W (a row's bytes: one load)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + 2 * col
+    xe, xo = tl.load(x_row).to(tl.float32), tl.load(x_row + 1).to(tl.float32)  # X's columns of each byte
+    table = _code_table(code_ptr, 1, 0, LUT, tl.float32)
     offset = tl.load(offset_ptr) if NESTED else 0.0
-    table = _code_table(code_ptr, BLOCK_N, 1, LUT, tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    w_bytes = packed_ptr + rn.to(tl.int64)[:, None] * stride_wn + hk[None, :]
-    blk0 = rn.to(tl.int64)[:, None] * blocks_per_row + bk[None, :]
-    # Every global load of step k0 + BLOCK_K is issued before step k0 computes (one step of lookahead;
-    # BLOCK_K divides K: only whole rows are masked, so the loads vectorize).
-    byte = tl.load(w_bytes, mask=n_mask[:, None], other=0)
-    stored = tl.load(absmax_ptr + blk0, mask=n_mask[:, None], other=0)
-    for k0 in range(0, K, BLOCK_K):
-        kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)  # the last step reloads itself and uses nothing
-        byte_n = tl.load(w_bytes + kn // 2, mask=n_mask[:, None], other=0)
-        stored_n = tl.load(absmax_ptr + blk0 + kn // BS, mask=n_mask[:, None], other=0)
-        hi, lo = _lookup(code_ptr, table, byte, 1, LUT, tl.float32)  # (BLOCK_N, BLOCK_K / 2)
-        am = _absmax(stored, blk0 + k0 // BS, n_mask[:, None], nested_absmax_ptr, nested_code_ptr, offset, NESTED)
-        for i in tl.static_range(BLOCK_M):  # each row of X against the decoded tile
-            r = tl.minimum(pid_m * BLOCK_M + i, M - 1)  # rows past M repeat the last; their stores are masked
-            xv = tl.load(x_ptr + r.to(tl.int64) * stride_xm + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
-            xe, xo = tl.split(xv.reshape(BLOCK_K // 2, 2))
-            prod = hi * xe[None, :] + lo * xo[None, :]
-            part = tl.sum(prod.reshape(BLOCK_N, BLOCK_K // BS, BS // 2), axis=2)  # per absmax block
-            row = tl.sum(part * am, axis=1)
-            acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, row[None, :], 0.0)
+    rows = pid_n * (ROWS * STEPS) + tl.arange(0, ROWS)
+    w_bytes = packed_ptr + rows.to(tl.int64)[:, None] * stride_wn + col[None, :]
+    blk = rows.to(tl.int64)[:, None] * (K // BS) + pid_k * NB + g[None, :]  # (ROWS, NB)
+    ws = ws_ptr + (pid_k * M + pid_m).to(tl.int64) * N
+    # Every global load of step s + 1 is issued before step s computes (the last step reloads itself).
+    byte = tl.load(w_bytes, mask=(rows < N)[:, None], other=0)
+    stored = tl.load(absmax_ptr + blk, mask=(rows < N)[:, None], other=0)
+    for s in range(STEPS):
+        sn = tl.minimum(s + 1, STEPS - 1) * ROWS
+        byte_n = tl.load(w_bytes + sn * stride_wn, mask=(rows + sn < N)[:, None], other=0)
+        stored_n = tl.load(absmax_ptr + blk + sn * (K // BS), mask=(rows + sn < N)[:, None], other=0)
+        hi, lo = _lookup(code_ptr, table, byte, 1, LUT, tl.float32)  # (ROWS, NB * BS/2)
+        prod = hi * xe[None, :] + lo * xo[None, :]
+        part = tl.sum(prod.reshape(ROWS, NB, BS // 2), axis=2)  # (ROWS, NB): per absmax block
+        am = _absmax(stored, blk + s * ROWS * (K // BS), (rows + s * ROWS < N)[:, None], nested_absmax_ptr,
+                     nested_code_ptr, offset, NESTED)
+        dot = tl.sum(part * am, axis=1)
+        rn = rows + s * ROWS
+        if SPLIT_K == 1:
+            _store_rows(dot[None, :], bias_ptr, y_ptr + pid_m.to(tl.int64) * stride_ym, tl.zeros((1,), tl.int32), rn,
+                        tl.full((1,), 1, tl.int1), rn < N, 0, HAS_BIAS)
+        else:
+            tl.store(ws + rn, dot, mask=rn < N)
         byte, stored = byte_n, stored_n
-    _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
+    if SPLIT_K > 1:
+        tl.debug_barrier()  # every thread's partials are written before the count (released at GPU scope)
+        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
+            span = pid_n * (ROWS * STEPS) + tl.arange(0, ROWS * STEPS)
+            total = tl.zeros((ROWS * STEPS,), tl.float32)
+            for k in range(SPLIT_K):
+                total += tl.load(ws_ptr + (k * M + pid_m).to(tl.int64) * N + span, mask=span < N, other=0.0,
+                                 cache_modifier=".cg")
+            _store_rows(total[None, :], bias_ptr, y_ptr + pid_m.to(tl.int64) * stride_ym, tl.zeros((1,), tl.int32),
+                        span, tl.full((1,), 1, tl.int1), span < N, 0, HAS_BIAS)
+            tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -306,11 +384,11 @@ def _dot_dtype(dtype: torch.dtype):
 
 
 def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind (_lookup), SPLIT_K) by the number of
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K) by the number of
     rows (scripts/bench_kernels.py --sweep); float32 tiles stay small enough for sm_75's 64 KiB of
     shared memory."""
-    if M <= 16:  # nibble lookups (kind 3): 56.9-57.2 us at M=16; byte pairs (kind 2) 59.9, registers 69.9
-        return 16, 64, 4, 3, 3 if dtype != torch.float32 else 0, 4
+    if M <= 16:  # 16-bit: decoded in registers (kind 4), else the kind 3 lookups (FALLBACK_CONFIG)
+        return (16, 128, 4, 3, 4, 4) if dtype != torch.float32 else (16, 64, 4, 3, 0, 4)
     if dtype == torch.float32:
         return (32 if M <= 32 else 64), 64, 4, 3, 0, 2 if M <= 64 else 1
     if M <= 32:
@@ -355,45 +433,65 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     """x (M, K, unit stride along K) @ deq(W)^T (+ bias) -> (M, N) in x's dtype. `packed` is any
     dtype viewed as bytes; absmax float32, or uint8 codes with nested = (nested_absmax,
     nested_code, offset). `config`: as _config returns, optionally with NBLK (absmax blocks per
-    iteration) after SPLIT_K."""
+    iteration) after SPLIT_K. LUT kind: _lookup's 0-3 in _fwd_kernel, or 4, _fwd_regs_kernel (16-bit
+    x; NBLK does not apply)."""
     M, K = x.shape
     if config is None and M <= GEMV_MAX_M:  # (already on x's device)
         return gemv.__wrapped__(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     bm, bn, warps, stages, lut, *rest = config or _config(M, x.dtype)
+    asm = None
+    if lut == 4:
+        if x.dtype == torch.float32:
+            raise ValueError("LUT kind 4 (decode in registers) takes float16 or bfloat16 inputs, not float32")
+        asm = None if _INTERPRET else nibbles.decode_asm(code, x.dtype)  # the interpreter runs no asm
+        if asm is None:
+            bm, bn, warps, stages, lut, *rest = FALLBACK_CONFIG
     split_k, nblk = _runs(K // blocksize, *rest)
-    dot, precision = _dot_dtype(x.dtype)
     na, nc, off = _nested_args(absmax, nested)
     grid = (cdiv(N, bn), cdiv(M, bm), split_k)
     ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
     lock = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else y
-    launch(_fwd_kernel, grid, x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
-           bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0),
-           BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, DOT=dot,
-           PRECISION=precision, LUT=int(lut), BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k,
-           NBLK=nblk, num_warps=warps, num_stages=1 if lut == 1 else stages)
+    common = (packed.view(torch.uint8).reshape(-1), absmax)
+    tail = (na, nc, off, bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0))
+    if asm is not None:
+        launch(_fwd_regs_kernel, grid, x, *common, *tail, BS=blocksize, NESTED=nested is not None,
+               HAS_BIAS=bias is not None, DECODE=asm, DOT=TL_DTYPES[x.dtype], BLOCK_M=bm, BLOCK_N=bn,
+               SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+        return y
+    dot, precision = _dot_dtype(x.dtype)
+    launch(_fwd_kernel, grid, x, *common, code, *tail, BS=blocksize, NESTED=nested is not None,
+           HAS_BIAS=bias is not None, DOT=dot, PRECISION=precision, LUT=int(lut), BLOCK_M=bm, BLOCK_N=bn,
+           SPLIT_K=split_k, NBLK=nblk, num_warps=warps, num_stages=1 if lut == 1 else stages)
     return y
 
 
 @on_tensor_device
 def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, N: int, blocksize: int,
          nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int, int, bool] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """As `forward`, on CUDA cores for few rows; config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-    LUT kind: 0 registers, 1 L1, 2 byte pairs, 3 nibbles from shared memory; booleans read as 0/1)."""
+         config: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """As `forward`, on CUDA cores, each row of X on its own; config = (ROWS of W per step, STEPS per
+    program, NB absmax blocks of 64 values per program, num_warps, LUT kind: 1 L1, 2 byte pairs, 3
+    nibbles from shared memory)."""
     M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    bm, bn, bk, warps, lut = config or GEMV_CONFIG
-    bm = min(bm, next_power_of_2(M))
-    bk = max(bk, blocksize)
-    while K % bk:  # the largest power of two <= bk that divides K (blocksize does)
-        bk //= 2
+    rows, steps, nb, warps, lut = config or GEMV_CONFIG
+    if lut not in (1, 2, 3):
+        raise ValueError(f"GEMV LUT kind {lut} is not one of 1, 2, 3")
+    blocks = K // blocksize
+    nb = max(1, nb * 64 // blocksize)
+    while blocks % nb:  # the largest power of two <= nb that divides the blocks
+        nb //= 2
+    steps = min(steps, next_power_of_2(cdiv(N, rows)))
+    split_k = blocks // nb
     na, nc, off = _nested_args(absmax, nested)
-    grid = (cdiv(N, bn), cdiv(M, bm))
+    grid = (cdiv(N, rows * steps), split_k, M)
+    ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
+    lock = _locks(x.device, grid[0] * M) if split_k > 1 else y
     launch(_gemv_kernel, grid, x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
-           bias if bias is not None else x, y, M, N, K, x.stride(0), K // 2, y.stride(0),
+           bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0),
            BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT=int(lut),
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1)
+           ROWS=rows, STEPS=steps, NB=nb, SPLIT_K=split_k, num_warps=warps, num_stages=1)
     return y
 
 

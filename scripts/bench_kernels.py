@@ -110,7 +110,14 @@ def bench_matmul(rows: list) -> None:
 
 def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K, NBLK) to try at m rows (LUT kind:
-    0 registers, 1 L1, 2 byte pairs in shared memory, 3 nibbles from shared memory; matmul4bit._lookup)."""
+    0 registers, 1 L1, 2 byte pairs in shared memory, 3 nibbles from shared memory (matmul4bit._lookup);
+    4 decoded in registers as the MMA's operand, Y^T tiles (_fwd_regs_kernel, up to 64 rows here))."""
+    regs = [(max(16, min(m, 64)), bn, w, st, 4, sk, 1) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)
+            for sk in (1, 2, 4) if m <= 64 and not (bn == 64 and w == 8)]
+    return regs + _lookup_candidates(m)
+
+
+def _lookup_candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
     if m <= 16:
         return [(16, bn, 4, st, lut, sk, nb) for bn in (32, 64) for st in (3, 4) for lut in (0, 2, 3) for sk in (1, 2, 4, 8)
                 for nb in (1, 2, 4)] + [(16, bn, 4, 1, 1, sk, 1) for bn in (32, 64) for sk in (1, 4)]
@@ -124,10 +131,10 @@ def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
 
 
 def _gemv_candidates(m: int) -> list[tuple[int, int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, LUT kind) for the CUDA-core GEMV."""
-    bm = min(m, 8)
-    return ([(bm, bn, bk, w, lut) for bn in (8, 16, 32) for bk in (512, 1024) for w in (4, 8) for lut in (0, 1, 2, 3)]
-            + [(bm, bn, bk, w, lut) for bn in (2, 4, 8) for bk in (256, 512) for w in (1, 2) for lut in (0, 2, 3)])
+    """(ROWS, STEPS, NB, num_warps, LUT kind) for the CUDA-core GEMV: 16 to 64 packed bytes per
+    thread and step (fewer: fewer registers, more programs per SM)."""
+    return [(r, st, nb, w, lut) for r in (2, 4, 8, 16) for st in (8, 16, 32) for nb in (8, 16) for w in (1, 2, 4, 8)
+            for lut in (1, 3) if 16 <= r * nb * 32 // (32 * w) <= 64 and (lut == 3 or st == 16)]
 
 
 def sweep_gemv(rows: list, ms: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:
@@ -205,7 +212,7 @@ def sweep(rows: list, ms: tuple[int, ...] = (1, 16, 32, 64, 128, 256), gemv_ms: 
         best = {}
         for cfg in _candidates(m):
             kinds = [("fwd", lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg))]
-            if m <= 64 and cfg[1] <= 64 and cfg[5:] == (1, 1):  # the input-gradient kernel has neither
+            if m <= 64 and cfg[1] <= 64 and cfg[4] != 4 and cfg[5:] == (1, 1):  # the input-gradient kernel has neither
                 kinds.append(("bwd", lambda: mm.backward(dy, q.weight, s.absmax, s.code, K, 64, s.nested_tensors,
                                                          config=cfg)))
             for kind, fn in kinds:

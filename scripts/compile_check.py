@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -21,6 +22,8 @@ from qtune.kernels import rope as kro
 from qtune.kernels import embedding as ke
 from qtune.kernels import swiglu as ks
 from qtune.kernels import matmul4bit as mm
+from qtune.kernels import nibbles
+from qtune.quant.codes import code_table
 from qtune.kernels import quantize as kq
 
 P = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
@@ -53,12 +56,24 @@ def main() -> None:
                  "LUT": {16: 2, 32: 0, 64: 1}.get(bm, 2), "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk, "NBLK": nb}
             print(f"fwd sm_{arch} {dt} nested={nested} {bm}x{bn} split {sk} nblk {nb}: "
                   f"{compile_one(mm._fwd_kernel, sig, c, arch, w, st)}")
-        sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32",
+        sig = {"x_ptr": P[dt], **{k: v for k, v in common.items() if k != "code_ptr"}, "bias_ptr": P[dt],
+               "y_ptr": P[dt], "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
-        for bm, bn, bk, w, lut in ((1, 4, 512, 2, 1), (4, 8, 512, 4, 0), (8, 16, 1024, 4, 2), (1, 16, 512, 4, 2)):
-            c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "LUT": lut, "BLOCK_M": bm, "BLOCK_N": bn,
-                 "BLOCK_K": bk}
-            print(f"gemv sm_{arch} {dt} nested={nested} {bm}x{bn}x{bk}: {compile_one(mm._gemv_kernel, sig, c, arch, w)}")
+        for (bm, bn, w, st, sk), bs in itertools.product(((16, 128, 4, 3, 4), (32, 64, 8, 2, 1)), (32, 64, 128)):
+            if dt == tl.float32:
+                continue
+            asm = nibbles.decode_asm_for(code_table("nf4").tolist(), torch.float16 if dt == tl.float16 else torch.bfloat16)
+            c = {"BS": bs, "NESTED": nested, "HAS_BIAS": True, "DECODE": asm, "DOT": dt, "BLOCK_M": bm, "BLOCK_N": bn,
+                 "SPLIT_K": sk}
+            print(f"fwd regs sm_{arch} {dt} nested={nested} bs={bs} {bm}x{bn} split {sk}: "
+                  f"{compile_one(mm._fwd_regs_kernel, sig, c, arch, w, st)}")
+        sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "ws_ptr": "*fp32", "lock_ptr": "*i32",
+               "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
+        for rows, steps, nb, w, lut in ((32, 8, 8, 4, 3), (16, 4, 16, 4, 2), (8, 2, 4, 2, 1)):
+            c = {"BS": 64, "NESTED": nested, "HAS_BIAS": True, "LUT": lut, "ROWS": rows, "STEPS": steps, "NB": nb,
+                 "SPLIT_K": 10}
+            print(f"gemv sm_{arch} {dt} nested={nested} {rows}x{steps} nb {nb} lut {lut}: "
+                  f"{compile_one(mm._gemv_kernel, sig, c, arch, w)}")
         sig = {"dy_ptr": P[dt], **common, "dx_ptr": P[dt], "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32",
                "stride_dxm": "i32"}
         c = {"BS": 64, "NESTED": nested, "DOT": dot, "PRECISION": prec, "BLOCK_M": 16, "BLOCK_N": 64}

@@ -45,7 +45,7 @@ def test_kernels_match_reference(M, N, K, quant_type, blocksize, double_quant, d
         y.fill_(float("nan"))
         mm.forward(x, packed, state.absmax, state.code, N, blocksize, state.nested_tensors, bias, (16, 32, 4, 1, lut), y)
         assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[dtype], lut
-    for config in ((4, 8, 512, 4, 1), (2, 16, 128, 2, 0), (1, 16, 256, 4, 2), (1, 8, 256, 2, 3)):  # the GEMV
+    for config in ((4, 2, 8, 4, 1), (8, 1, 2, 2, 2), (16, 4, 4, 4, 3), (2, 8, 1, 1, 3)):  # the GEMV (with split-K)
         y.fill_(float("nan"))
         mm.gemv(x, packed, state.absmax, state.code, N, blocksize, state.nested_tensors, bias, config=config, out=y)
         assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[dtype], config
@@ -69,6 +69,41 @@ def test_split_k_and_block_groups_forward(split_k, nblk, K):
                    (16, 32, 4, 3, False, split_k, nblk), y)
         assert rel_err(y, x.float() @ W.T + bias.float()) < BOUND[torch.float16]
     assert int(mm._locks(torch.device(DEVICE), 1).abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(1, 48, 128), (5, 200, 320), (16, 80, 256)])
+@pytest.mark.parametrize("quant_type,blocksize,double_quant", [("nf4", 64, True), ("fp4", 32, False),
+                                                               ("nf4", 128, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_register_decode_matches_reference(monkeypatch, M, N, K, quant_type, blocksize, double_quant, dtype):
+    """LUT kind 4 (codes decoded in registers, Y^T tiles), split-K 1 and 4 (5 blocks in 4 runs: one
+    empty); with no fallback, so the kernel itself ran."""
+    monkeypatch.setattr(mm, "FALLBACK_CONFIG", None)
+    if not mm.supported(K, blocksize):
+        K = 256
+    packed, state, W = _weight(N, K, quant_type, blocksize, double_quant)
+    x, bias = torch.randn(M, K, device=DEVICE).to(dtype), torch.randn(N, device=DEVICE).to(dtype)
+    for config in ((16, 64, 4, 3, 4, 1), (16, 128, 4, 3, 4, 4), (32, 64, 8, 2, 4, 2)):
+        for b in (bias, None):
+            y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+            mm.forward(x, packed, state.absmax, state.code, N, blocksize, state.nested_tensors, b, config, y)
+            want = x.float() @ W.T + (0 if b is None else b.float())
+            assert rel_err(y, want) < BOUND[dtype], config
+
+
+def test_register_decode_refuses_float32():
+    packed, state, _ = _weight(48, 128)
+    with pytest.raises(ValueError, match="LUT kind 4 .* float16 or bfloat16 inputs, not float32"):
+        mm.forward(torch.randn(2, 128, device=DEVICE), packed, state.absmax, state.code, 48, 64, state.nested_tensors,
+                   config=(16, 128, 4, 3, 4, 4))
+
+
+def test_gemv_refuses_an_unknown_lookup():
+    packed, state, _ = _weight(48, 128)
+    with pytest.raises(ValueError, match="LUT kind 0 is not one of 1, 2, 3"):
+        mm.gemv(torch.randn(1, 128, device=DEVICE), packed, state.absmax, state.code, 48, 64, state.nested_tensors,
+                config=(4, 2, 8, 4, 0))
 
 
 def test_runs_fit_the_blocks():
