@@ -42,8 +42,8 @@ GEMV_MAX_M = 1
 # M <= 16 in 16 bits: the codes decoded in registers as the MMA's register operand (LUT kind 4,
 # _fwd_regs_kernel; BLOCK_N 128, 4 warps, 3 stages, split-K 4): 39.6-40.1 us at M=16 against 56.3-56.9
 # with the kind 3 lookups (FALLBACK_CONFIG; byte pairs, kind 2, 59.9, registers, kind 0, 69.9), one
-# H100, scripts/bench_kernels.py --sweep. FALLBACK_CONFIG serves where no asm runs (Triton's
-# interpreter, a table first read during CUDA graph capture).
+# H100, scripts/bench_kernels.py --sweep. FALLBACK_CONFIG serves where kind 4 does not run (Triton's
+# interpreter, sm_75, a code table first read during CUDA graph capture).
 FALLBACK_CONFIG = (16, 64, 4, 3, 3, 4)
 GEMV_CONFIG = (2, 8, 16, 1, 3)  # ROWS, STEPS, NB, num_warps, LUT kind (_lookup)
 
@@ -376,6 +376,20 @@ def supported(K: int, blocksize: int) -> bool:
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as triton.jit read it when it made the kernels
 
 
+_REGISTER_DECODE: dict[int, bool] = {}
+
+
+def _register_decode(device: torch.device) -> bool:
+    """Whether kind 4 runs here: not in the interpreter (no asm), and from sm_80 (on sm_75 Triton
+    stages the decoded tile in shared memory: 128 KiB at blocksize 256, over the 64 KiB there)."""
+    if _INTERPRET or device.type != "cuda":
+        return False
+    ok = _REGISTER_DECODE.get(device.index)
+    if ok is None:
+        ok = _REGISTER_DECODE[device.index] = torch.cuda.get_device_capability(device) >= (8, 0)
+    return ok
+
+
 def _dot_dtype(dtype: torch.dtype):
     # Triton's interpreter gets bf16 arithmetic wrong (DESIGN.md): it multiplies in fp32 instead.
     if dtype == torch.bfloat16 and _INTERPRET:
@@ -444,7 +458,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     if lut == 4:
         if x.dtype == torch.float32:
             raise ValueError("LUT kind 4 (decode in registers) takes float16 or bfloat16 inputs, not float32")
-        asm = None if _INTERPRET else nibbles.decode_asm(code, x.dtype)  # the interpreter runs no asm
+        asm = nibbles.decode_asm(code, x.dtype) if _register_decode(x.device) else None
         if asm is None:
             bm, bn, warps, stages, lut, *rest = FALLBACK_CONFIG
     split_k, nblk = _runs(K // blocksize, *rest)

@@ -92,6 +92,23 @@ def test_register_decode_matches_reference(monkeypatch, M, N, K, quant_type, blo
             assert rel_err(y, want) < BOUND[dtype], config
 
 
+@pytest.mark.gpu
+def test_register_decode_falls_back_while_a_cuda_graph_captures():
+    """A code table first met during capture is not read (that would sync): the lookups (kind 3) run
+    instead, and the replay matches."""
+    packed, state, W = _weight(200, 256)
+    code = state.code.clone()  # never read yet
+    x = torch.randn(4, 256, device=DEVICE, dtype=torch.bfloat16)
+    y = torch.full((4, 200), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    mm.forward(x, packed, state.absmax, code, 200, 64, state.nested_tensors, config=mm.FALLBACK_CONFIG)  # compiled
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mm.forward(x, packed, state.absmax, code, 200, 64, state.nested_tensors, out=y)
+    assert not hasattr(code, "_qtune_decode_asm")
+    graph.replay()
+    assert rel_err(y, x.float() @ W.T) < BOUND[torch.bfloat16]
+
+
 def test_register_decode_refuses_float32():
     packed, state, _ = _weight(48, 128)
     with pytest.raises(ValueError, match="LUT kind 4 .* float16 or bfloat16 inputs, not float32"):
