@@ -39,12 +39,12 @@ BWD_MAX_M = 0
 # with 2 rows per step, 8 steps, 16 blocks and 1 warp (kind 3), 37.5 us for the next shapes; the
 # earlier GEMV (rows of W across the program, K walked in steps) took 37.7-38.9 us, 52.1 with kind 0.
 GEMV_MAX_M = 1
-# M <= 16 in 16 bits: the codes decoded in registers as the MMA's register operand (LUT kind 4,
-# _fwd_regs_kernel; BLOCK_N 128, 4 warps, 3 stages, split-K 4): 39.6-40.1 us at M=16 against 56.3-56.9
-# with the kind 3 lookups (FALLBACK_CONFIG; byte pairs, kind 2, 59.9, registers, kind 0, 69.9), one
-# H100, scripts/bench_kernels.py --sweep. FALLBACK_CONFIG serves where kind 4 does not run (Triton's
-# interpreter, sm_75, a code table first read during CUDA graph capture).
-FALLBACK_CONFIG = (16, 64, 4, 3, 3, 4)
+# Up to 32 rows in 16 bits: the codes decoded in registers as the MMA's register operand (LUT kind 4,
+# _fwd_regs_kernel; BLOCK_N 128, 4 warps, 3 stages, split-K 4 for M <= 16, 2 above), one H100,
+# bench_kernels.py --sweep and a throwaway sweep: M=16 39.6-40.1 us against 56.3-56.9 with the kind 3
+# lookups (kind 2 59.9, kind 0 69.9); M=24/32 47.7/48.7 us against 76.9/77.9 with kind 0; M=64 74.2
+# against kind 2's 72-73, so M=64 keeps kind 2. _lookup_config serves where kind 4 does not run
+# (Triton's interpreter, sm_75, a code table first read during CUDA graph capture).
 GEMV_CONFIG = (2, 8, 16, 1, 3)  # ROWS, STEPS, NB, num_warps, LUT kind (_lookup)
 
 
@@ -398,16 +398,23 @@ def _dot_dtype(dtype: torch.dtype):
 
 
 def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K) by the number of
-    rows (scripts/bench_kernels.py --sweep); float32 tiles stay small enough for sm_75's 64 KiB of
-    shared memory."""
-    if M <= 16:  # 16-bit: decoded in registers (kind 4), else the kind 3 lookups (FALLBACK_CONFIG)
-        return (16, 128, 4, 3, 4, 4) if dtype != torch.float32 else (16, 64, 4, 3, 0, 4)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K) by the number of rows
+    (scripts/bench_kernels.py --sweep): up to 32 rows in 16 bits the codes decoded in registers."""
+    if M <= 32 and dtype != torch.float32:
+        return (16, 128, 4, 3, 4, 4) if M <= 16 else (32, 128, 4, 3, 4, 2)
+    return _lookup_config(M, dtype)
+
+
+def _lookup_config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
+    """_config among the table lookups (kinds 0-3), also where kind 4 does not run; float32 tiles stay
+    small enough for sm_75's 64 KiB of shared memory."""
+    if M <= 16:  # nibble lookups (kind 3): 56.9-57.2 us at M=16; byte pairs (kind 2) 59.9, registers 69.9
+        return 16, 64, 4, 3, 3 if dtype != torch.float32 else 0, 4
     if dtype == torch.float32:
         return (32 if M <= 32 else 64), 64, 4, 3, 0, 2 if M <= 64 else 1
     if M <= 32:
         return 32, 128, 4, 4, 0, 2
-    if M <= 64:  # kind 2: 73.3-74.3 us against 78.8 with kind 3, 93 with kind 0
+    if M <= 64:  # kind 2: 73.3-74.3 us against 78.8 with kind 3, 93 with kind 0; kind 4 74.2 at best
         return 64, 128, 4, 3, 2, 2
     return 128, 128, 8, 3, 0, 1
 
@@ -460,7 +467,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
             raise ValueError("LUT kind 4 (decode in registers) takes float16 or bfloat16 inputs, not float32")
         asm = nibbles.decode_asm(code, x.dtype) if _register_decode(x.device) else None
         if asm is None:
-            bm, bn, warps, stages, lut, *rest = FALLBACK_CONFIG
+            bm, bn, warps, stages, lut, *rest = _lookup_config(M, x.dtype)
     split_k, nblk = _runs(K // blocksize, *rest)
     na, nc, off = _nested_args(absmax, nested)
     grid = (cdiv(N, bn), cdiv(M, bm), split_k)

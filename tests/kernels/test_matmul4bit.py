@@ -72,14 +72,14 @@ def test_split_k_and_block_groups_forward(split_k, nblk, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K", [(1, 48, 128), (5, 200, 320), (16, 80, 256)])
+@pytest.mark.parametrize("M,N,K", [(1, 48, 128), (5, 200, 320), (16, 80, 256), (29, 72, 320)])
 @pytest.mark.parametrize("quant_type,blocksize,double_quant", [("nf4", 64, True), ("fp4", 32, False),
                                                                ("nf4", 128, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_register_decode_matches_reference(monkeypatch, M, N, K, quant_type, blocksize, double_quant, dtype):
     """LUT kind 4 (codes decoded in registers, Y^T tiles), split-K 1 and 4 (5 blocks in 4 runs: one
     empty); with no fallback, so the kernel itself ran."""
-    monkeypatch.setattr(mm, "FALLBACK_CONFIG", None)
+    monkeypatch.setattr(mm, "_lookup_config", lambda *a: pytest.fail("fell back to the lookups"))
     if not mm.supported(K, blocksize):
         K = 256
     packed, state, W = _weight(N, K, quant_type, blocksize, double_quant)
@@ -100,7 +100,8 @@ def test_register_decode_falls_back_while_a_cuda_graph_captures():
     code = state.code.clone()  # never read yet
     x = torch.randn(4, 256, device=DEVICE, dtype=torch.bfloat16)
     y = torch.full((4, 200), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    mm.forward(x, packed, state.absmax, code, 200, 64, state.nested_tensors, config=mm.FALLBACK_CONFIG)  # compiled
+    mm.forward(x, packed, state.absmax, code, 200, 64, state.nested_tensors,
+               config=mm._lookup_config(4, torch.bfloat16))  # compiled before the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         mm.forward(x, packed, state.absmax, code, 200, 64, state.nested_tensors, out=y)
