@@ -79,7 +79,7 @@ def layers():
 def bench_matmul(rows: list) -> None:
     lin, q, b = layers()
     s = q.quant_state
-    for m in (1, 16, 64, 256, 4096, 16384):
+    for m in (1, 16, 32, 64, 256, 4096, 16384):  # 32: the register decode's last row count
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             t_q = bench(lambda: q(x))
