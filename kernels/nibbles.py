@@ -59,8 +59,9 @@ def decode_asm_for(values: list[float], dtype: torch.dtype) -> str:
 
 def decode_asm(code: torch.Tensor, dtype: torch.dtype) -> str | None:
     """decode_asm_for the table `code` holds, kept on the tensor (reading a table on the GPU syncs once
-    per table and dtype); None while a CUDA graph is being captured and the table was not read yet."""
-    key = (dtype, code._version)
+    per table and dtype; an in-place change reads it again, except on an inference tensor, which keeps
+    no version); None while a CUDA graph is being captured and the table was not read yet."""
+    key = (dtype, -1 if code.is_inference() else code._version)
     cache = getattr(code, "_qtune_decode_asm", None)
     if cache is not None and key in cache:
         return cache[key]

@@ -74,6 +74,12 @@ def test_decode_asm_is_kept_on_the_table_and_follows_its_changes():
     assert nibbles.decode_asm(code, torch.bfloat16) == nibbles.decode_asm_for(code.tolist(), torch.bfloat16) != first
 
 
+def test_decode_asm_takes_an_inference_tensor():  # a model loaded under torch.inference_mode()
+    with torch.inference_mode():
+        code = code_table("fp4").clone()
+    assert nibbles.decode_asm(code, torch.float16) == nibbles.decode_asm_for(code.tolist(), torch.float16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant_type,dtype", TABLES)
 def test_compiled_decode_matches_the_table(quant_type, dtype):
