@@ -3,7 +3,7 @@ Y = X @ deq(W)^T (+ bias) and the input gradient dX = dY @ deq(W), and their lau
 torch and triton only.
 
 The tiled forward walks K in groups of NBLK absmax blocks (split over SPLIT_K programs for few rows),
-looking the nibbles up in the 16-entry code table; for up to 16 rows in 16 bits it computes Y^T
+looking the nibbles up in the 16-entry code table; for up to 32 rows in 16 bits it computes Y^T
 instead, with the codes decoded in registers as the MMA's register operand (nibbles.decode). The
 input gradient walks N one block of W's rows at a time, and a CUDA-core GEMV serves a single row
 (split over K, the row of X held in registers). Each reads a block's packed bytes once and applies
@@ -143,25 +143,34 @@ def _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIA
 @triton.jit
 def _finish_tile(acc, bias_ptr, y_ptr, ws_ptr, lock_ptr, rm, rn, M, N, stride_ym, HAS_BIAS: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Store the (BLOCK_M, BLOCK_N) tile of Y, or with SPLIT_K > 1 this program's float32 partial: it
-    is written to the workspace and counted in the tile's lock; the last to arrive sums the partials
-    in a fixed order (the result does not depend on who is last), stores the tile and resets the lock
-    for the next launch."""
+    """Store the (BLOCK_M, BLOCK_N) tile of Y, or with SPLIT_K > 1 write this program's float32 partial
+    (program (n, m, k)) to the workspace and let _sum_partials finish the tile."""
     m_mask, n_mask = rm < M, rn < N
     if SPLIT_K == 1:
         _store_rows(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
     else:
-        tile_mask = m_mask[:, None] & n_mask[None, :]
         ws = ws_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-        tl.store(ws + tl.program_id(2).to(tl.int64) * M * N, acc, mask=tile_mask)
-        tl.debug_barrier()  # every thread's partial is written before the count (released at GPU scope)
-        lock = lock_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for k in range(SPLIT_K):
-                total += tl.load(ws + k * M * N, mask=tile_mask, other=0.0, cache_modifier=".cg")
-            _store_rows(total, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
-            tl.atomic_xchg(lock, 0)
+        tl.store(ws + tl.program_id(2).to(tl.int64) * M * N, acc, mask=m_mask[:, None] & n_mask[None, :])
+        _sum_partials(bias_ptr, y_ptr, ws_ptr, lock_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0),
+                      rm, rn, M, N, stride_ym, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _sum_partials(bias_ptr, y_ptr, ws_ptr, lock, rm, rn, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Count this program in the tile's lock once its partials (workspace (SPLIT_K, M, N)) are written;
+    the last to arrive sums the partials in a fixed order (the result does not depend on who is last),
+    stores the tile and resets the lock for the next launch."""
+    m_mask, n_mask = rm < M, rn < N
+    tile_mask = m_mask[:, None] & n_mask[None, :]
+    ws = ws_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.debug_barrier()  # every thread's partial is written before the count (released at GPU scope)
+    if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
+        total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(SPLIT_K):
+            total += tl.load(ws + k * M * N, mask=tile_mask, other=0.0, cache_modifier=".cg")
+        _store_rows(total, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS)
+        tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -278,8 +287,8 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
     """One row of X on CUDA cores. Program (n, k, m) holds row m's values of the k-th run of NB absmax
     blocks in registers and walks ROWS * STEPS rows of W against them, ROWS per step (its packed
     bytes read once, 16 per thread), float32 throughout; each row's dot over a block is scaled by the
-    block's absmax once. The SPLIT_K partials meet as in _fwd_kernel: written to the workspace, summed
-    in a fixed order by the last program of the row group to arrive."""
+    block's absmax once. The SPLIT_K partials, written to the workspace step by step, meet in
+    _sum_partials."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -292,6 +301,7 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
     rows = pid_n * (ROWS * STEPS) + tl.arange(0, ROWS)
     w_bytes = packed_ptr + rows.to(tl.int64)[:, None] * stride_wn + col[None, :]
     blk = rows.to(tl.int64)[:, None] * (K // BS) + pid_k * NB + g[None, :]  # (ROWS, NB)
+    rm = pid_m + tl.zeros((1,), tl.int32)  # the row of X (and Y) as a tile of one
     ws = ws_ptr + (pid_k * M + pid_m).to(tl.int64) * N
     # Every global load of step s + 1 is issued before step s computes (the last step reloads itself).
     byte = tl.load(w_bytes, mask=(rows < N)[:, None], other=0)
@@ -308,23 +318,14 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
         dot = tl.sum(part * am, axis=1)
         rn = rows + s * ROWS
         if SPLIT_K == 1:
-            _store_rows(dot[None, :], bias_ptr, y_ptr + pid_m.to(tl.int64) * stride_ym, tl.zeros((1,), tl.int32), rn,
-                        tl.full((1,), 1, tl.int1), rn < N, 0, HAS_BIAS)
+            _store_rows(dot[None, :], bias_ptr, y_ptr, rm, rn, rm < M, rn < N, stride_ym, HAS_BIAS)
         else:
             tl.store(ws + rn, dot, mask=rn < N)
         byte, stored = byte_n, stored_n
     if SPLIT_K > 1:
-        tl.debug_barrier()  # every thread's partials are written before the count (released at GPU scope)
-        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
-            span = pid_n * (ROWS * STEPS) + tl.arange(0, ROWS * STEPS)
-            total = tl.zeros((ROWS * STEPS,), tl.float32)
-            for k in range(SPLIT_K):
-                total += tl.load(ws_ptr + (k * M + pid_m).to(tl.int64) * N + span, mask=span < N, other=0.0,
-                                 cache_modifier=".cg")
-            _store_rows(total[None, :], bias_ptr, y_ptr + pid_m.to(tl.int64) * stride_ym, tl.zeros((1,), tl.int32),
-                        span, tl.full((1,), 1, tl.int1), span < N, 0, HAS_BIAS)
-            tl.atomic_xchg(lock, 0)
+        _sum_partials(bias_ptr, y_ptr, ws_ptr, lock_ptr + pid_m * tl.num_programs(0) + pid_n, rm,
+                      pid_n * (ROWS * STEPS) + tl.arange(0, ROWS * STEPS), M, N, stride_ym, HAS_BIAS, SPLIT_K, 1,
+                      ROWS * STEPS)
 
 
 @triton.jit

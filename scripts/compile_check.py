@@ -59,10 +59,10 @@ def main() -> None:
         sig = {"x_ptr": P[dt], **{k: v for k, v in common.items() if k != "code_ptr"}, "bias_ptr": P[dt],
                "y_ptr": P[dt], "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
-        for (bm, bn, w, st, sk), bs in itertools.product(((16, 128, 4, 3, 4), (32, 64, 8, 2, 1)), (32, 64, 128)):
-            if dt == tl.float32:
-                continue
+        regs = itertools.product(((16, 128, 4, 3, 4), (32, 64, 8, 2, 1)), (32, 64, 128)) if dt != tl.float32 else ()
+        if dt != tl.float32:
             asm = nibbles.decode_asm_for(code_table("nf4").tolist(), torch.float16 if dt == tl.float16 else torch.bfloat16)
+        for (bm, bn, w, st, sk), bs in regs:
             c = {"BS": bs, "NESTED": nested, "HAS_BIAS": True, "DECODE": asm, "DOT": dt, "BLOCK_M": bm, "BLOCK_N": bn,
                  "SPLIT_K": sk}
             print(f"fwd regs sm_{arch} {dt} nested={nested} bs={bs} {bm}x{bn} split {sk}: "
