@@ -3,8 +3,9 @@ Y = X @ deq(W)^T (+ bias) and the input gradient dX = dY @ deq(W), and their lau
 torch and triton only.
 
 The tiled forward walks K in groups of NBLK absmax blocks (split over SPLIT_K programs for few rows),
-looking the nibbles up in the 16-entry code table; for up to 32 rows in 16 bits it computes Y^T
-instead, with the codes decoded in registers as the MMA's register operand (nibbles.decode). The
+looking the nibbles up in the 16-entry code table; in 16 bits it computes Y^T instead, with the
+codes decoded in registers as the MMA's register operand (nibbles.decode) and X's columns put in
+the order of the bytes that feed them (_x_order_kernel, a copy of X). The
 input gradient walks N one block of W's rows at a time, and a CUDA-core GEMV serves a single row
 (split over K, the row of X held in registers). Each reads a block's packed bytes once and applies
 the block's absmax (decoded from its nested 8-bit code when double-quantized) to the block's partial
@@ -31,20 +32,25 @@ MAX_BLOCKSIZE = 256
 # --sweep on an H100 (13824x5120, bf16): forward with split-K 68/69/77/93 us at M=1/16/32/64 vs
 # 138 us; slower from M=128 (153 vs 139); the input-gradient kernel is slower at every M (283 vs
 # 140 us at M=1), so it is not dispatched. A later sweep with the byte-pair lookup (kind 2): 59/60/74
-# us at M=1/16/64 against 126-136 us for dequantize + cuBLAS.
+# us at M=1/16/64 against 126-136 us for dequantize + cuBLAS. With the codes decoded in registers
+# (16-bit X on sm_80+, FWD_MAX_M_REGS; CUDA-graph timings, one H100): 88 us at M=256 (+2.4 for X's
+# column order) against 129 for dequantize + cuBLAS; two tiles of 256 rows would decode W twice.
 FWD_MAX_M = 64
+FWD_MAX_M_REGS = 256
 BWD_MAX_M = 0
 # The CUDA-core GEMV for a single row: program (n, k) holds X's values of the k-th run of NB absmax
 # blocks in registers and walks ROWS * STEPS rows of W. On one H100 (--sweep --sweep-gemv-m 1): 35.1 us
 # with 2 rows per step, 8 steps, 16 blocks and 1 warp (kind 3), 37.5 us for the next shapes; the
 # earlier GEMV (rows of W across the program, K walked in steps) took 37.7-38.9 us, 52.1 with kind 0.
 GEMV_MAX_M = 1
-# Up to 32 rows in 16 bits: the codes decoded in registers as the MMA's register operand (LUT kind 4,
-# _fwd_regs_kernel; BLOCK_N 128, 4 warps, 3 stages, split-K 4 for M <= 16, 2 above), one H100,
-# bench_kernels.py --sweep and a throwaway sweep: M=16 39.6-40.1 us against 56.3-56.9 with the kind 3
-# lookups (kind 2 59.9, kind 0 69.9); M=24/32 47.7/48.7 us against 76.9/77.9 with kind 0; M=64 74.2
-# against kind 2's 72-73, so M=64 keeps kind 2. _lookup_config serves where kind 4 does not run
-# (Triton's interpreter, sm_75, a code table first read during CUDA graph capture).
+# In 16 bits the codes are decoded in registers as the MMA's register operand (LUT kind 4,
+# _fwd_regs_kernel), X's columns put in the kernel's order first (_x_order_kernel, 1.4-2.4 us). One
+# H100, CUDA-graph timings of a throwaway sweep (kernel, then X's order): M=16 29.9 + 1.4 us against
+# 32.6 with X gathered in the kernel; M=32 35.3 + 1.5 against 40.4; M=64 44.8 + 1.6 against 66.7 for
+# kind 2; M=128 72.0 + 1.9 and M=256 88.1 + 2.4 (absmax folded into the codes) against 120 and 129
+# for dequantize + cuBLAS. _lookup_config serves where kind 4 does not run (Triton's interpreter,
+# sm_75, a code table first read during CUDA graph capture).
+X_ORDER_BLOCK = 1024
 GEMV_CONFIG = (2, 8, 16, 1, 3)  # ROWS, STEPS, NB, num_warps, LUT kind (_lookup)
 
 
@@ -236,12 +242,14 @@ def _fwd_regs_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_co
                      y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                      BS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, DECODE: tl.constexpr,
                      DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Few rows of X, 16-bit: Y^T = deq(W) X^T, W's rows as the MMA's M dimension, so the codes are
-    the operand held in registers and each thread decodes its own bytes (nibbles.decode). Byte
-    (R/4) t + 2c + s of a block's R = BS/2 bytes feeds k pair 8c + 4s + t (X's rows permuted to
-    match): the k pairs a thread holds in the MMA fragment are contiguous bytes. One absmax block per
-    step, its float32 partial scaled by the absmax; X's and the absmax's next step load while this one
-    computes. Split-K and the store as in _fwd_kernel."""
+    """16-bit X: Y^T = deq(W) X^T, W's rows as the MMA's M dimension, so the codes are the operand
+    held in registers and each thread decodes its own bytes (nibbles.decode). Byte (R/4) t + 2c + s
+    of a block's R = BS/2 bytes feeds k pair 8c + 4s + t: the k pairs a thread holds in the MMA
+    fragment are contiguous bytes, and X comes with its columns in that order (_x_order_kernel), so
+    its tiles load whole. One absmax block per step: up to 64 columns of X^T its float32 partial is
+    scaled by the absmax; wider tiles fold the absmax into the codes instead (the accumulator would
+    not fit twice), rounding deq(W) to 16 bits as dequantize + cuBLAS does. Split-K and the store as
+    in _fwd_kernel."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -253,30 +261,37 @@ def _fwd_regs_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_co
     per = tl.cdiv(blocks_per_row, SPLIT_K)
     kb0 = pid_k * per
     kb1 = tl.minimum(kb0 + per, blocks_per_row)
-    p = tl.arange(0, R)
-    src = (R // 4) * (p % 4) + 2 * (p // 8) + (p // 4) % 2  # the byte feeding k pair p
-    x_cols = x_ptr + rm[None, :] * stride_xm + (2 * src[:, None] + tl.arange(0, 2)[None, :]).reshape(BS)[:, None]
-    w_rows = packed_ptr + rn.to(tl.int64)[:, None] * stride_wn + p[None, :]
+    x_cols = x_ptr + rm[None, :] * stride_xm + tl.arange(0, BS)[:, None]
+    w_rows = packed_ptr + rn.to(tl.int64)[:, None] * stride_wn + tl.arange(0, R)[None, :]
     a_rows = absmax_ptr + rn.to(tl.int64) * blocks_per_row
     offset = tl.load(offset_ptr) if NESTED else 0.0
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    k_first = tl.minimum(kb0, blocks_per_row - 1)  # an empty run loads block k_first and adds nothing
-    xv = tl.load(x_cols + k_first * BS, mask=m_mask[None, :], other=0.0)
-    stored = tl.load(a_rows + k_first, mask=n_mask, other=0)
     for kb in range(kb0, kb1):
-        kn = tl.minimum(kb + 1, kb1 - 1)
-        xv_n = tl.load(x_cols + kn * BS, mask=m_mask[None, :], other=0.0)
-        stored_n = tl.load(a_rows + kn, mask=n_mask, other=0)
+        xv = tl.load(x_cols + kb * BS, mask=m_mask[None, :], other=0.0)
+        stored = tl.load(a_rows + kb, mask=n_mask, other=0)
         byte = tl.load(w_rows + kb * R, mask=n_mask[:, None], other=0)
         byte = byte.reshape(BLOCK_N, 4, R // 8, 2).permute(0, 2, 3, 1).reshape(BLOCK_N, R)  # k pair order
         hi, lo = nibbles.decode(byte, DECODE, DOT)
-        part = tl.dot(tl.join(hi, lo).reshape(BLOCK_N, BS), xv)
         am = _absmax(stored, rn.to(tl.int64) * blocks_per_row + kb, n_mask, nested_absmax_ptr, nested_code_ptr,
                      offset, NESTED)
-        acc += part * am[:, None]
-        xv, stored = xv_n, stored_n
+        if BLOCK_M > 64:
+            scale = am.to(DOT)[:, None]
+            acc = tl.dot(tl.join(hi * scale, lo * scale).reshape(BLOCK_N, BS), xv, acc)
+        else:
+            acc += tl.dot(tl.join(hi, lo).reshape(BLOCK_N, BS), xv) * am[:, None]
     _finish_tile(tl.trans(acc), bias_ptr, y_ptr, ws_ptr, lock_ptr, rm, rn, M, N, stride_ym, HAS_BIAS, SPLIT_K,
                  BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _x_order_kernel(x_ptr, out_ptr, K, stride_xm, R: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m] = row m of X with each absmax block's columns in _fwd_regs_kernel's k pair order: pair p
+    of a block of R pairs from pair (R/4)(p % 4) + 2(p // 8) + (p // 4) % 2."""
+    m = tl.program_id(1).to(tl.int64)
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    p = (k // 2) % R
+    src = k + 2 * ((R // 4) * (p % 4) + 2 * (p // 8) + (p // 4) % 2 - p)
+    tl.store(out_ptr + m * K + k, tl.load(x_ptr + m * stride_xm + src, mask=k < K), mask=k < K)
 
 
 @triton.jit
@@ -400,10 +415,20 @@ def _dot_dtype(dtype: torch.dtype):
 
 def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K) by the number of rows
-    (scripts/bench_kernels.py --sweep): up to 32 rows in 16 bits the codes decoded in registers."""
-    if M <= 32 and dtype != torch.float32:
-        return (16, 128, 4, 3, 4, 4) if M <= 16 else (32, 128, 4, 3, 4, 2)
-    return _lookup_config(M, dtype)
+    (scripts/bench_kernels.py --sweep): in 16 bits the codes decoded in registers, one tile of M."""
+    if dtype == torch.float32:
+        return _lookup_config(M, dtype)
+    if M <= 16:
+        return 16, 128, 4, 3, 4, 4
+    if M <= 64:
+        return (32 if M <= 32 else 64), 128, 4, 3, 4, 2
+    return (128, 64, 4, 3, 4, 1) if M <= 128 else (256, 128, 8, 3, 4, 1)
+
+
+def fwd_max_m(x: torch.Tensor) -> int:
+    """Rows of x up to which the fused forward beats dequantize + cuBLAS (FWD_MAX_M_REGS where the
+    codes decode in registers, else FWD_MAX_M)."""
+    return FWD_MAX_M_REGS if x.dtype != torch.float32 and _register_decode(x.device) else FWD_MAX_M
 
 
 def _lookup_config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
@@ -475,17 +500,28 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
     lock = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else y
     common = (packed.view(torch.uint8).reshape(-1), absmax)
-    tail = (na, nc, off, bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0))
     if asm is not None:
-        launch(_fwd_regs_kernel, grid, x, *common, *tail, BS=blocksize, NESTED=nested is not None,
-               HAS_BIAS=bias is not None, DECODE=asm, DOT=TL_DTYPES[x.dtype], BLOCK_M=bm, BLOCK_N=bn,
-               SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+        launch(_fwd_regs_kernel, grid, _x_order(x, blocksize), *common, na, nc, off, bias if bias is not None else x, y, ws, lock, M,
+               N, K, K, K // 2, y.stride(0), BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None,
+               DECODE=asm, DOT=TL_DTYPES[x.dtype], BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k, num_warps=warps,
+               num_stages=stages)
         return y
+    tail = (na, nc, off, bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0))
     dot, precision = _dot_dtype(x.dtype)
     launch(_fwd_kernel, grid, x, *common, code, *tail, BS=blocksize, NESTED=nested is not None,
            HAS_BIAS=bias is not None, DOT=dot, PRECISION=precision, LUT=int(lut), BLOCK_M=bm, BLOCK_N=bn,
            SPLIT_K=split_k, NBLK=nblk, num_warps=warps, num_stages=1 if lut == 1 else stages)
     return y
+
+
+def _x_order(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """x (M, K, unit stride along K) as a new (M, K) tensor with each absmax block's columns in
+    _fwd_regs_kernel's k pair order."""
+    M, K = x.shape
+    out = torch.empty(M, K, dtype=x.dtype, device=x.device)
+    launch(_x_order_kernel, (cdiv(K, X_ORDER_BLOCK), M), x, out, K, x.stride(0), R=blocksize // 2,
+           BLOCK=X_ORDER_BLOCK)
+    return out
 
 
 @on_tensor_device

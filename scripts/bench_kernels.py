@@ -4,11 +4,12 @@
     python scripts/bench_kernels.py --sweep    # launch configs of the fused kernels per M
 
 Copy bandwidth (a device-to-device copy); quantize and dequantize (NF4 + double quant, bf16;
-GB/s counts packed bytes + bf16 bytes); forward Y = X @ W^T at M = 1, 16, 64, 256, 4096, 16384
+GB/s counts packed bytes + bf16 bytes); forward Y = X @ W^T at M = 1, 16, 32, 64, 256, 4096, 16384
 (K=5120, N=13824, bf16) for qtune's Linear4bit (its dispatch), the fused kernel and
 dequantize + cuBLAS alone, bitsandbytes' Linear4bit and bf16 nn.Linear; forward + input gradient
-at M = 4096; the int8 forward (scripts/bench_int8.py). Medians of CUDA-event timings
-(triton.testing.do_bench).
+at M = 1, 16, 4096; the int8 forward (scripts/bench_int8.py). Medians of CUDA-event timings
+(triton.testing.do_bench), which include the host's launch time where it exceeds the kernels';
+up to M=256 the three layers also replayed in CUDA graphs (the GPU's time alone).
 """
 
 from __future__ import annotations
@@ -89,12 +90,18 @@ def bench_matmul(rows: list) -> None:
             t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
             t_b = bench(lambda: b(x))
             t_f = bench(lambda: lin(x))
+        graphs = _graph_times({"qtune": lambda: q(x), "bnb": lambda: b(x), "bf16": lambda: lin(x)}) if m <= 256 else {}
         rows.append({"op": "forward", "M": m, "qtune_ms": t_q, "fused_ms": t_k, "gemv_ms": t_g,
-                     "dequant_cublas_ms": t_d, "bnb_ms": t_b, "bf16_ms": t_f})
+                     "dequant_cublas_ms": t_d, "bnb_ms": t_b, "bf16_ms": t_f,
+                     **{f"graph_{k}_ms": v for k, v in graphs.items()}})
         alt = (f"gemv {t_g * 1e3:7.1f}, " if t_g else "") + (f"fused {t_k * 1e3:7.1f}, " if t_k else "")
         print(f"forward M={m:5}: qtune {t_q * 1e3:7.1f} us ({alt}dequantize+cuBLAS "
               f"{t_d * 1e3:7.1f}), bitsandbytes {t_b * 1e3:7.1f} us, bf16 {t_f * 1e3:7.1f} us "
               f"-> {t_b / t_q:.2f}x bitsandbytes, {t_f / t_q:.2f}x bf16")
+        if graphs.get("qtune") and graphs.get("bnb"):
+            print(f"  in CUDA graphs: qtune {graphs['qtune'] * 1e3:7.1f} us, bitsandbytes {graphs['bnb'] * 1e3:7.1f} us, "
+                  f"bf16 {graphs['bf16'] * 1e3:7.1f} us -> {graphs['bnb'] / graphs['qtune']:.2f}x bitsandbytes, "
+                  f"{graphs['bf16'] / graphs['qtune']:.2f}x bf16")
     for m in (1, 16, 4096):  # forward + input gradient
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(m, N, device="cuda", dtype=torch.bfloat16)
@@ -108,12 +115,28 @@ def bench_matmul(rows: list) -> None:
               f"{times['bf16'] / times['qtune']:.2f}x bf16")
 
 
+def _graph_times(fns: dict) -> dict:
+    """Median ms of each function replayed in a CUDA graph: the kernels without the host's launch
+    overhead (None where capture fails)."""
+    from triton.testing import do_bench_cudagraph
+
+    times = {}
+    for name, fn in fns.items():
+        try:
+            times[name] = do_bench_cudagraph(fn, rep=100, return_mode="median")
+        except Exception as e:  # not capturable
+            print(f"  {name} in a CUDA graph: {type(e).__name__} {e}", file=sys.stderr)
+            times[name] = None
+    return times
+
+
 def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K, NBLK) to try at m rows (LUT kind:
     0 registers, 1 L1, 2 byte pairs in shared memory, 3 nibbles from shared memory (matmul4bit._lookup);
-    4 decoded in registers as the MMA's operand, Y^T tiles (_fwd_regs_kernel, up to 64 rows here))."""
-    regs = [(max(16, min(m, 64)), bn, w, st, 4, sk, 1) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)
-            for sk in (1, 2, 4) if m <= 64 and not (bn == 64 and w == 8)]
+    4 decoded in registers as the MMA's operand, Y^T tiles (_fwd_regs_kernel, one tile of up to 256 rows))."""
+    bm = max(16, min(256, 1 << (m - 1).bit_length()))
+    regs = [(bm, bn, w, st, 4, sk, 1) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4) for sk in (1, 2, 4)
+            if m <= 256 and not (bn == 64 and w == 8) and not (bm >= 128 and sk == 4)]
     return regs + _lookup_candidates(m)
 
 

@@ -59,7 +59,8 @@ def main() -> None:
         sig = {"x_ptr": P[dt], **{k: v for k, v in common.items() if k != "code_ptr"}, "bias_ptr": P[dt],
                "y_ptr": P[dt], "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
-        regs = itertools.product(((16, 128, 4, 3, 4), (32, 64, 8, 2, 1)), (32, 64, 128)) if dt != tl.float32 else ()
+        regs = itertools.product(((16, 128, 4, 3, 4), (32, 64, 8, 2, 1), (128, 64, 4, 3, 1)) + (((256, 128, 8, 3, 1),)
+                                 if arch >= 80 else ()), (32, 64, 128)) if dt != tl.float32 else ()
         if dt != tl.float32:
             asm = nibbles.decode_asm_for(code_table("nf4").tolist(), torch.float16 if dt == tl.float16 else torch.bfloat16)
         for (bm, bn, w, st, sk), bs in regs:
@@ -67,6 +68,9 @@ def main() -> None:
                  "SPLIT_K": sk}
             print(f"fwd regs sm_{arch} {dt} nested={nested} bs={bs} {bm}x{bn} split {sk}: "
                   f"{compile_one(mm._fwd_regs_kernel, sig, c, arch, w, st)}")
+        if not nested and dt != tl.float32:
+            sig = {"x_ptr": P[dt], "out_ptr": P[dt], "K": "i32", "stride_xm": "i32"}
+            print(f"x order sm_{arch} {dt}: {compile_one(mm._x_order_kernel, sig, {'R': 32, 'BLOCK': mm.X_ORDER_BLOCK}, arch)}")
         sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "ws_ptr": "*fp32", "lock_ptr": "*i32",
                "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
         for rows, steps, nb, w, lut in ((32, 8, 8, 4, 3), (16, 4, 16, 4, 2), (8, 2, 4, 2, 1)):

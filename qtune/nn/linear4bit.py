@@ -27,13 +27,13 @@ PIECE_MIN_OTHER = 2**22
 
 def _fused(t: torch.Tensor, state: QuantState, backward: bool):
     """The fused Triton kernels' module when they take this product (CUDA or QTUNE_BACKEND=triton,
-    a float compute dtype, whole blocks per row, at most the module's measured FWD_MAX_M /
+    a float compute dtype, whole blocks per row, at most the module's measured fwd_max_m /
     BWD_MAX_M rows), else None."""
     if t.dtype not in FLOAT_DTYPES or not use_kernel(t) or len(state.shape) != 2:
         return None
     from ..kernels import matmul4bit
 
-    max_m = matmul4bit.BWD_MAX_M if backward else matmul4bit.FWD_MAX_M
+    max_m = matmul4bit.BWD_MAX_M if backward else matmul4bit.fwd_max_m(t)
     if t.numel() > max_m * t.shape[-1] or not matmul4bit.supported(state.shape[1], state.blocksize):
         return None
     return matmul4bit

@@ -72,19 +72,20 @@ def test_split_k_and_block_groups_forward(split_k, nblk, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K", [(1, 48, 128), (5, 200, 320), (16, 80, 256), (29, 72, 320)])
+@pytest.mark.parametrize("M,N,K", [(1, 48, 128), (5, 200, 320), (16, 80, 256), (29, 72, 320), (150, 136, 256)])
 @pytest.mark.parametrize("quant_type,blocksize,double_quant", [("nf4", 64, True), ("fp4", 32, False),
                                                                ("nf4", 128, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_register_decode_matches_reference(monkeypatch, M, N, K, quant_type, blocksize, double_quant, dtype):
-    """LUT kind 4 (codes decoded in registers, Y^T tiles), split-K 1 and 4 (5 blocks in 4 runs: one
-    empty); with no fallback, so the kernel itself ran."""
+    """LUT kind 4 (codes decoded in registers, Y^T tiles), split-K 1, 2 and 4 (5 blocks in 4 runs: one
+    empty), tiles of 16 to 256 columns of X^T; with no fallback, so the kernel itself ran."""
     monkeypatch.setattr(mm, "_lookup_config", lambda *a: pytest.fail("fell back to the lookups"))
     if not mm.supported(K, blocksize):
         K = 256
     packed, state, W = _weight(N, K, quant_type, blocksize, double_quant)
     x, bias = torch.randn(M, K, device=DEVICE).to(dtype), torch.randn(N, device=DEVICE).to(dtype)
-    for config in ((16, 64, 4, 3, 4, 1), (16, 128, 4, 3, 4, 4), (32, 64, 8, 2, 4, 2)):
+    for config in ((16, 64, 4, 3, 4, 1), (16, 128, 4, 3, 4, 4), (32, 64, 8, 2, 4, 2), (64, 128, 4, 3, 4, 2),
+                   (128, 64, 4, 3, 4, 1), (256, 128, 8, 3, 4, 1)):  # over 64 columns: absmax folded
         for b in (bias, None):
             y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
             mm.forward(x, packed, state.absmax, state.code, N, blocksize, state.nested_tensors, b, config, y)
@@ -108,6 +109,24 @@ def test_register_decode_falls_back_while_a_cuda_graph_captures():
     assert not hasattr(code, "_qtune_decode_asm")
     graph.replay()
     assert rel_err(y, x.float() @ W.T) < BOUND[torch.bfloat16]
+
+
+@pytest.mark.parametrize("M,K,blocksize", [(3, 320, 64), (1, 2048, 32), (5, 1280, 256), (2, 256, 128)])
+def test_x_order_matches_the_fragment_order(M, K, blocksize):
+    """X's columns in the register-decode kernel's order, against the order written out from the MMA
+    fragment: in each block of R byte pairs, pair 8c + 4s + t (k step c, half s, quad lane t) is
+    byte (R/4) t + 2c + s. X is a strided view (every other row), its copy contiguous."""
+    R = blocksize // 2
+    pair = torch.empty(R, dtype=torch.long)
+    for c in range(R // 8):
+        for s in range(2):
+            for t in range(4):
+                pair[8 * c + 4 * s + t] = (R // 4) * t + 2 * c + s
+    cols = torch.stack([2 * pair, 2 * pair + 1], 1).reshape(blocksize)
+    order = (torch.arange(K // blocksize)[:, None] * blocksize + cols).reshape(K)
+    x = torch.randn(2 * M, K, device=DEVICE).to(torch.bfloat16)[::2]
+    got = mm._x_order(x, blocksize)
+    assert got.is_contiguous() and torch.equal(got, x[:, order.to(DEVICE)])
 
 
 def test_register_decode_refuses_float32():
@@ -169,6 +188,7 @@ def test_linear4bit_dispatch(monkeypatch, M, blocksize):
     monkeypatch.setenv("QTUNE_BACKEND", "triton")
     monkeypatch.setattr(mm, "GEMV_MAX_M", 2)  # every kernel and both fallbacks, whatever the measured thresholds
     monkeypatch.setattr(mm, "FWD_MAX_M", 16)
+    monkeypatch.setattr(mm, "FWD_MAX_M_REGS", 16)
     monkeypatch.setattr(mm, "BWD_MAX_M", 16)
     q, W, b = _linear(48, 128 if blocksize == 64 else 4096, torch.float16, blocksize)
     _check_linear(q, W, b, M, torch.float16, lead=(2,))
