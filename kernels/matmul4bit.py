@@ -5,9 +5,9 @@ torch and triton only.
 The tiled forward walks K in groups of NBLK absmax blocks (split over SPLIT_K programs for few rows),
 looking the nibbles up in the 16-entry code table; in 16 bits it computes Y^T instead, with the
 codes decoded in registers as the MMA's register operand (nibbles.decode) and X's columns put in
-the order of the bytes that feed them (_x_order_kernel, a copy of X). The
-input gradient walks N one block of W's rows at a time, and a CUDA-core GEMV serves a single row
-(split over K, the row of X held in registers). Each reads a block's packed bytes once and applies
+the order of the bytes that feed them (_x_order_kernel, a copy of X). The input gradient walks N
+one block of W's rows at a time, and a CUDA-core GEMV serves a single row (split over K, the row of
+X held in registers). Each reads a block's packed bytes once and applies
 the block's absmax (decoded from its nested 8-bit code when double-quantized) to the block's partial
 product or to the codes. Needs K % blocksize == 0 and blocksize <= 256; callers fall back to
 dequantize + cuBLAS otherwise and where that is faster.
@@ -511,16 +511,16 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     grid = (cdiv(N, bn), cdiv(M, bm), split_k)
     ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
     lock = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else y
-    common = (packed.view(torch.uint8).reshape(-1), absmax)
+    xk = x if asm is None else _x_order(x, blocksize)  # the register decode takes X's columns in its order
+    head = (xk, packed.view(torch.uint8).reshape(-1), absmax)
+    tail = (na, nc, off, bias if bias is not None else x, y, ws, lock, M, N, K, xk.stride(0), K // 2, y.stride(0))
     if asm is not None:
-        launch(_fwd_regs_kernel, grid, _x_order(x, blocksize), *common, na, nc, off, bias if bias is not None else x, y, ws, lock, M,
-               N, K, K, K // 2, y.stride(0), BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None,
-               DECODE=asm, DOT=TL_DTYPES[x.dtype], BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k, num_warps=warps,
-               num_stages=stages)
+        launch(_fwd_regs_kernel, grid, *head, *tail, BS=blocksize, NESTED=nested is not None,
+               HAS_BIAS=bias is not None, DECODE=asm, DOT=TL_DTYPES[x.dtype], BLOCK_M=bm, BLOCK_N=bn,
+               SPLIT_K=split_k, num_warps=warps, num_stages=stages)
         return y
-    tail = (na, nc, off, bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0))
     dot, precision = _dot_dtype(x.dtype)
-    launch(_fwd_kernel, grid, x, *common, code, *tail, BS=blocksize, NESTED=nested is not None,
+    launch(_fwd_kernel, grid, *head, code, *tail, BS=blocksize, NESTED=nested is not None,
            HAS_BIAS=bias is not None, DOT=dot, PRECISION=precision, LUT=int(lut), BLOCK_M=bm, BLOCK_N=bn,
            SPLIT_K=split_k, NBLK=nblk, num_warps=warps, num_stages=1 if lut == 1 else stages)
     return y

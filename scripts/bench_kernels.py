@@ -90,7 +90,8 @@ def bench_matmul(rows: list) -> None:
             t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
             t_b = bench(lambda: b(x))
             t_f = bench(lambda: lin(x))
-        graphs = _graph_times({"qtune": lambda: q(x), "bnb": lambda: b(x), "bf16": lambda: lin(x)}) if m <= 256 else {}
+        layers_now = {"qtune": lambda: q(x), "bnb": lambda: b(x), "bf16": lambda: lin(x)}
+        graphs = _graph_times(layers_now) if m <= 256 else {}
         rows.append({"op": "forward", "M": m, "qtune_ms": t_q, "fused_ms": t_k, "gemv_ms": t_g,
                      "dequant_cublas_ms": t_d, "bnb_ms": t_b, "bf16_ms": t_f,
                      **{f"graph_{k}_ms": v for k, v in graphs.items()}})
