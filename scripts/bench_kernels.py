@@ -9,7 +9,8 @@ GB/s counts packed bytes + bf16 bytes); forward Y = X @ W^T at M = 1, 16, 32, 64
 dequantize + cuBLAS alone, bitsandbytes' Linear4bit and bf16 nn.Linear; forward + input gradient
 at M = 1, 16, 4096; the int8 forward (scripts/bench_int8.py). Medians of CUDA-event timings
 (triton.testing.do_bench), which include the host's launch time where it exceeds the kernels';
-up to M=256 the three layers also replayed in CUDA graphs (the GPU's time alone).
+up to M=256 the three layers also replayed in CUDA graphs with L2 flushed before each call (graph_ms:
+the GPU's time alone). The sweeps rank launch configs by graph_ms.
 """
 
 from __future__ import annotations
@@ -116,15 +117,49 @@ def bench_matmul(rows: list) -> None:
               f"{times['bf16'] / times['qtune']:.2f}x bf16")
 
 
-def _graph_times(fns: dict) -> dict:
-    """Median ms of each function replayed in a CUDA graph: the kernels without the host's launch
-    overhead (None where capture fails)."""
-    from triton.testing import do_bench_cudagraph
+_FLUSH: list = []
 
+
+def graph_ms(fn, calls: int = 20, replays: int = 10) -> float:
+    """Median ms of one call of fn replayed in a CUDA graph, L2 flushed before each call as do_bench
+    does (a 13824x5120 weight's 36 MB would otherwise stay in the H100's 50 MB L2): the GPU's time
+    without the host's launch time. Graphs of (flush, fn) and of the flush alone, the difference."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))
+    flush, stream = _FLUSH[0].zero_, torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compiles, and allocates what later calls reuse, outside the capture
+        graphs = []
+        for body in ((flush, fn), (flush,)):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=stream):
+                for _ in range(calls):
+                    for f in body:
+                        f()
+            graphs.append(g)
+        times = []
+        for g in graphs:
+            g.replay()  # warm
+            runs = []
+            for _ in range(replays):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                g.replay()
+                end.record(stream)
+                end.synchronize()
+                runs.append(start.elapsed_time(end))
+            times.append(sorted(runs)[replays // 2])
+    torch.cuda.current_stream().wait_stream(stream)
+    return (times[0] - times[1]) / calls
+
+
+def _graph_times(fns: dict) -> dict:
+    """graph_ms of each function (None where capture fails)."""
     times = {}
     for name, fn in fns.items():
         try:
-            times[name] = do_bench_cudagraph(fn, rep=100, return_mode="median")
+            times[name] = graph_ms(fn)
         except Exception as e:  # not capturable
             print(f"  {name} in a CUDA graph: {type(e).__name__} {e}", file=sys.stderr)
             times[name] = None
@@ -168,15 +203,15 @@ def sweep_gemv(rows: list, ms: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:
     for m in ms:
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         want = mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=_config_for(m)).float()
-        t_k = bench(lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=_config_for(m)))
-        t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
+        t_k = graph_ms(lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors,
+                                          config=_config_for(m)))
+        t_d = graph_ms(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
         best, times = (1e9, None), {}
         for cfg in _gemv_candidates(m):
             try:
                 y = mm.gemv(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg)
                 assert ((y.float() - want).norm() / want.norm()) < 2e-2, cfg
-                t = do_bench(lambda: mm.gemv(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg),
-                             warmup=10, rep=40, return_mode="median")
+                t = graph_ms(lambda: mm.gemv(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg))
             except Exception as e:  # out of resources
                 print(f"  gemv M={m} {cfg}: {type(e).__name__} {e}", file=sys.stderr)
                 continue
@@ -231,8 +266,8 @@ def sweep(rows: list, ms: tuple[int, ...] = (1, 16, 32, 64, 128, 256), gemv_ms: 
     for m in ms:
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn(m, N, device="cuda", dtype=torch.bfloat16)
-        t_d = bench(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
-        t_db = bench(lambda: dy @ dequantize_4bit(q.weight, s, torch.bfloat16))
+        t_d = graph_ms(lambda: torch.nn.functional.linear(x, dequantize_4bit(q.weight, s, torch.bfloat16)))
+        t_db = graph_ms(lambda: dy @ dequantize_4bit(q.weight, s, torch.bfloat16))
         best = {}
         for cfg in _candidates(m):
             kinds = [("fwd", lambda: mm.forward(x, q.weight, s.absmax, s.code, N, 64, s.nested_tensors, config=cfg))]
@@ -241,7 +276,7 @@ def sweep(rows: list, ms: tuple[int, ...] = (1, 16, 32, 64, 128, 256), gemv_ms: 
                                                          config=cfg)))
             for kind, fn in kinds:
                 try:
-                    t = do_bench(fn, warmup=10, rep=40, return_mode="median")
+                    t = graph_ms(fn)
                 except Exception as e:  # out of shared memory / registers
                     print(f"  {kind} M={m} {cfg}: {type(e).__name__}", file=sys.stderr)
                     continue
