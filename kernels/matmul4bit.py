@@ -52,6 +52,8 @@ GEMV_MAX_M = 1
 # sm_75, a code table first read during CUDA graph capture). Each step's absmax (a byte per row of W,
 # which Triton does not pipeline, and its nested lookup) is loaded a step ahead: flushed CUDA graphs,
 # one H100, M=64 47.0-47.8 us against 49.8-50.4 (4 stages: 47.0), M=128 74.4 against 78.0; M=16 the same.
+# At M=32 split 3 took 39.5 us against 42.3-42.5 for split 2 (split 4: 44.1); register caps (maxnreg 64-112)
+# were slower at M=16 and 32, and split 5, 6 or 8 at M=16 no faster than 4 (34.5-38.5 against 34.5-35.2).
 X_ORDER_BLOCK = 1024
 GEMV_CONFIG = (2, 8, 16, 1, 3)  # ROWS, STEPS, NB, num_warps, LUT kind (_lookup)
 
@@ -451,7 +453,7 @@ def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
     if M <= 16:
         return 16, 128, 4, 3, 4, 4
     if M <= 64:
-        return (32, 128, 4, 3, 4, 2) if M <= 32 else (64, 128, 4, 4, 4, 2)
+        return (32, 128, 4, 3, 4, 3) if M <= 32 else (64, 128, 4, 4, 4, 2)
     return (128, 64, 4, 3, 4, 1) if M <= 128 else (256, 128, 8, 3, 4, 1)
 
 

@@ -204,7 +204,7 @@ def test_linear4bit_real_sizes(N, K, M, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 16, 256])
+@pytest.mark.parametrize("M", [1, 16, 32, 64, 256])  # each default launch shape of the forward
 def test_kernels_real_sizes(M):
     packed, state, W = _weight(13824, 5120)
     x = torch.randn(M, 5120, device=DEVICE, dtype=torch.bfloat16)
