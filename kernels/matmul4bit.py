@@ -283,9 +283,10 @@ def _fwd_regs_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_co
     offset = tl.load(offset_ptr) if NESTED else 0.0
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     # A step's absmax loads are issued a step ahead: Triton does not pipeline them (a byte per row)
-    last = tl.maximum(kb1 - 1, 0)  # an empty run (kb0 >= kb1) loads block `last` and uses nothing
-    stored = tl.load(absmax_ptr + blk + tl.minimum(kb0, last), mask=n_mask, other=0)
-    nested = _nested_absmax(blk + tl.minimum(kb0, last), n_mask, nested_absmax_ptr, NESTED)
+    last = tl.maximum(kb1 - 1, 0)
+    k_first = tl.minimum(kb0, last)  # an empty run (kb0 >= kb1) loads block `last` and uses nothing
+    stored = tl.load(absmax_ptr + blk + k_first, mask=n_mask, other=0)
+    nested = _nested_absmax(blk + k_first, n_mask, nested_absmax_ptr, NESTED)
     for kb in range(kb0, kb1):
         kn = tl.minimum(kb + 1, last)
         stored_n = tl.load(absmax_ptr + blk + kn, mask=n_mask, other=0)
@@ -452,9 +453,13 @@ def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
         return _lookup_config(M, dtype)
     if M <= 16:
         return 16, 128, 4, 3, 4, 4
+    if M <= 32:
+        return 32, 128, 4, 3, 4, 3
     if M <= 64:
-        return (32, 128, 4, 3, 4, 3) if M <= 32 else (64, 128, 4, 4, 4, 2)
-    return (128, 64, 4, 3, 4, 1) if M <= 128 else (256, 128, 8, 3, 4, 1)
+        return 64, 128, 4, 4, 4, 2
+    if M <= 128:
+        return 128, 64, 4, 3, 4, 1
+    return 256, 128, 8, 3, 4, 1
 
 
 def fwd_max_m(x: torch.Tensor) -> int:
