@@ -33,14 +33,14 @@ def next_power_of_2(n: int) -> int:
 
 
 def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None,
-           enable_fp_fusion: bool = True, key: tuple | None = None, **consts) -> None:
+           enable_fp_fusion: bool = True, launch_pdl: bool = False, key: tuple | None = None, **consts) -> None:
     """kernel[grid](*args, **consts, **options) for the options named. `args` are the kernel's
     leading parameters in order, `consts` all the rest by name. `key`: what the caller knows to
     decide Triton's specialization of `args` (else it is computed, ~0.2 us per argument). The
     interpreter, a launch hook and the first launch of a key take Triton's own path."""
     global _COMPILED
     cuda = isinstance(args[0], torch.Tensor) and args[0].is_cuda
-    options = (num_warps, num_stages, maxnreg, enable_fp_fusion)
+    options = (num_warps, num_stages, maxnreg, enable_fp_fusion, launch_pdl)
     hook = knobs.runtime.launch_enter_hook  # a chain of hooks (Triton 3.4+) or None
     if _COMPILED is not None and cuda and native_specialize_impl is not None and not getattr(hook, "calls", hook):
         device = driver.active.get_current_device()
@@ -61,6 +61,8 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages:
     else:
         full = None
     extra = {"maxnreg": maxnreg} if maxnreg else {}
+    if launch_pdl:  # programmatic dependent launch (sm_90+): may start before the previous kernel ends
+        extra["launch_pdl"] = True
     compiled = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages,
                             enable_fp_fusion=enable_fp_fusion, **extra)
     compiled = compiled.result() if hasattr(compiled, "result") else compiled

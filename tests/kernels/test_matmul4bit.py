@@ -111,6 +111,36 @@ def test_register_decode_falls_back_while_a_cuda_graph_captures():
     assert rel_err(y, x.float() @ W.T) < BOUND[torch.bfloat16]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [16, 64])
+def test_dependent_launch_matches_a_plain_launch(monkeypatch, M):
+    """On sm_90+ the register-decode matmul at up to PDL_MAX_M rows is launched while X's copy runs
+    (programmatic dependent launch): it was launched so, its output equals a plain launch's bit for
+    bit, and a CUDA graph of it replays on new X."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    packed, state, W = _weight(13824, 5120)
+    x = torch.randn(M, 5120, device=DEVICE, dtype=torch.bfloat16)
+    run = lambda: mm.forward(x, packed, state.absmax, state.code, 13824, 64, state.nested_tensors)
+    seen, launch = [], mm.launch
+    monkeypatch.setattr(mm, "launch", lambda k, *a, **kw: seen.append(kw.get("PDL")) or launch(k, *a, **kw))
+    y = run()
+    assert seen == [True, True]  # the copy of X, then the matmul
+    monkeypatch.setattr(mm, "PDL_MAX_M", 0)
+    assert torch.equal(run(), y)
+    monkeypatch.setattr(mm, "PDL_MAX_M", 64)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        y_graph = run()
+    torch.cuda.current_stream().wait_stream(stream)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(y_graph, run())
+    assert rel_err(y_graph, x.float() @ W.T) < BOUND[torch.bfloat16]
+
+
 @pytest.mark.parametrize("M,K,blocksize", [(3, 320, 64), (1, 2048, 32), (5, 1280, 256), (2, 256, 128)])
 def test_x_order_matches_the_fragment_order(M, K, blocksize):
     """X's columns in the register-decode kernel's order, against the order written out from the MMA
