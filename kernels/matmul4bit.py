@@ -436,7 +436,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as triton.jit read it 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 # Up to PDL_MAX_M rows on sm_90+, the register-decode matmul is launched while X's copy runs
 # (programmatic dependent launch) and waits for it in the kernel. One H100, same process, four rounds:
-# M=64 46.2-46.8 us against 47.0-47.7 in flushed CUDA graphs, 50.4-51.4 against 52.4-53.1 by do_bench;
+# M=64 45.4-46.8 us against 46.3-47.7 in flushed CUDA graphs, 50.4-51.4 against 52.4-53.1 by do_bench;
 # M=16 34.1-34.8 against 34.7-35.4 (graphs). At M=128 it was slower (78.3-81.5 against 76.4-76.8).
 PDL_MAX_M = 64
 
