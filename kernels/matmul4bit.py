@@ -7,10 +7,10 @@ looking the nibbles up in the 16-entry code table; in 16 bits it computes Y^T in
 codes decoded in registers as the MMA's register operand (nibbles.decode) and X's columns put in
 the order of the bytes that feed them (_x_order_kernel, a copy of X). The input gradient walks N
 one block of W's rows at a time, and a CUDA-core GEMV serves a single row (split over K, the row of
-X held in registers). Each reads a block's packed bytes once and applies
-the block's absmax (decoded from its nested 8-bit code when double-quantized) to the block's partial
-product or to the codes. Needs K % blocksize == 0 and blocksize <= 256; callers fall back to
-dequantize + cuBLAS otherwise and where that is faster.
+X held in registers). Each reads a block's packed bytes once and applies the block's absmax (decoded
+from its nested 8-bit code when double-quantized) to the block's partial product or to the codes.
+Needs K % blocksize == 0 and blocksize <= 256; callers fall back to dequantize + cuBLAS otherwise
+and where that is faster.
 """
 
 from __future__ import annotations

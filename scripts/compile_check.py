@@ -70,7 +70,8 @@ def main() -> None:
                   f"{compile_one(mm._fwd_regs_kernel, sig, c, arch, w, st)}")
         if not nested and dt != tl.float32:
             sig = {"x_ptr": P[dt], "out_ptr": P[dt], "K": "i32", "stride_xm": "i32"}
-            print(f"x order sm_{arch} {dt}: {compile_one(mm._x_order_kernel, sig, {'R': 32, 'BLOCK': mm.X_ORDER_BLOCK, 'PDL': arch >= 90}, arch)}")
+            c = {"R": 32, "BLOCK": mm.X_ORDER_BLOCK, "PDL": arch >= 90}
+            print(f"x order sm_{arch} {dt}: {compile_one(mm._x_order_kernel, sig, c, arch)}")
         sig = {"x_ptr": P[dt], **common, "bias_ptr": P[dt], "y_ptr": P[dt], "ws_ptr": "*fp32", "lock_ptr": "*i32",
                "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
         for rows, steps, nb, w, lut in ((32, 8, 8, 4, 3), (16, 4, 16, 4, 2), (8, 2, 4, 2, 1)):
