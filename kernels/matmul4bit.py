@@ -24,7 +24,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .device import on_tensor_device
 from .launch import cdiv, launch, next_power_of_2
-from . import nibbles
+from . import matmul4bit_tma, nibbles
 from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
 
@@ -464,11 +464,15 @@ def _dot_dtype(dtype: torch.dtype):
     return TL_DTYPES[dtype], "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
+def _config(M: int, dtype: torch.dtype, hopper: bool = False) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K) by the number of rows
-    (scripts/bench_kernels.py --sweep): in 16 bits the codes decoded in registers, one tile of M."""
+    (scripts/bench_kernels.py --sweep): in 16 bits the codes decoded in registers, one tile of M; on
+    Hopper from 65 rows kind 5, matmul4bit_tma's kernel (its own BLOCK_N; split-K 1)."""
     if dtype == torch.float32:
         return _lookup_config(M, dtype)
+    if hopper and matmul4bit_tma.MIN_M <= M <= matmul4bit_tma.MAX_M:
+        block_m, warps, stages = matmul4bit_tma.CONFIGS[0 if M <= matmul4bit_tma.CONFIGS[0][0] else 1]
+        return block_m, matmul4bit_tma.BLOCK_N, warps, stages, 5, 1
     if M <= 16:
         return 16, 128, 4, 3, 4, 4
     if M <= 32:
@@ -478,6 +482,11 @@ def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
     if M <= 128:
         return 128, 64, 4, 3, 4, 1
     return 256, 128, 8, 3, 4, 1
+
+
+def _hopper(device: torch.device) -> bool:
+    """Whether matmul4bit_tma's kernel can run here: sm_90 (its wgmma and TMA) with Gluon's Hopper API."""
+    return _capability(device)[0] == 9 and matmul4bit_tma.gluon is not None
 
 
 def fwd_max_m(x: torch.Tensor) -> int:
@@ -535,14 +544,19 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     """x (M, K, unit stride along K) @ deq(W)^T (+ bias) -> (M, N) in x's dtype. `packed` is any
     dtype viewed as bytes; absmax float32, or uint8 codes with nested = (nested_absmax,
     nested_code, offset). `config`: as _config returns, optionally with NBLK (absmax blocks per
-    iteration) after SPLIT_K. LUT kind: _lookup's 0-3 in _fwd_kernel, or 4, _fwd_regs_kernel (16-bit
-    x; NBLK does not apply)."""
+    iteration) after SPLIT_K. LUT kind: _lookup's 0-3 in _fwd_kernel, 4, _fwd_regs_kernel (16-bit
+    x; NBLK does not apply), or 5, matmul4bit_tma's (where it runs, else kind 4's default)."""
     M, K = x.shape
     if config is None and M <= GEMV_MAX_M:  # (already on x's device)
         return gemv.__wrapped__(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    bm, bn, warps, stages, lut, *rest = config or _config(M, x.dtype)
+    bm, bn, warps, stages, lut, *rest = config or _config(M, x.dtype, _hopper(x.device))
     asm = None
+    if lut == 5:
+        asm = nibbles.decode_asm(code, x.dtype) if x.dtype != torch.float32 else None
+        if asm is not None and _hopper(x.device) and matmul4bit_tma.usable(x, packed, blocksize):
+            return matmul4bit_tma.forward(x, packed, absmax, nested, N, bias, asm, y, (bm, warps, stages))
+        bm, bn, warps, stages, lut, *rest = _config(M, x.dtype)
     if lut == 4:
         if x.dtype == torch.float32:
             raise ValueError("LUT kind 4 (decode in registers) takes float16 or bfloat16 inputs, not float32")

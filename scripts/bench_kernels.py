@@ -81,7 +81,7 @@ def layers():
 def bench_matmul(rows: list) -> None:
     lin, q, b = layers()
     s = q.quant_state
-    for m in (1, 16, 32, 64, 256, 4096, 16384):  # 32: the register decode's last row count
+    for m in (1, 16, 32, 64, 128, 256, 4096, 16384):  # 32: the register decode's last row count; 128: sm_90's TMA kernel
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             t_q = bench(lambda: q(x))
@@ -169,11 +169,13 @@ def _graph_times(fns: dict) -> dict:
 def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K, NBLK) to try at m rows (LUT kind:
     0 registers, 1 L1, 2 byte pairs in shared memory, 3 nibbles from shared memory (matmul4bit._lookup);
-    4 decoded in registers as the MMA's operand, Y^T tiles (_fwd_regs_kernel, one tile of up to 256 rows))."""
+    4 decoded in registers as the MMA's operand, Y^T tiles (_fwd_regs_kernel, one tile of up to 256 rows);
+    5 on sm_90 from 65 rows, matmul4bit_tma's kernel, by its stages)."""
     bm = max(16, min(256, 1 << (m - 1).bit_length()))
     regs = [(bm, bn, w, st, 4, sk, 1) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4) for sk in (1, 2, 4)
             if m <= 256 and not (bn == 64 and w == 8) and not (bm >= 128 and sk == 4)]
-    return regs + _lookup_candidates(m)
+    tma = [(bm, 128, 8, st, 5, 1, 1) for st in (3, 4, 5, 6) if 65 <= m <= 256 and (bm == 128 or st <= 5)]
+    return tma + regs + _lookup_candidates(m)
 
 
 def _lookup_candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
@@ -255,7 +257,7 @@ def sweep_formats(rows: list, bw: float) -> None:
 
 
 def _config_for(m: int):
-    return mm._config(m, torch.bfloat16)
+    return mm._config(m, torch.bfloat16, mm._hopper(torch.device("cuda")))
 
 
 def sweep(rows: list, ms: tuple[int, ...] = (1, 16, 32, 64, 128, 256), gemv_ms: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:

@@ -22,6 +22,7 @@ from qtune.kernels import rope as kro
 from qtune.kernels import embedding as ke
 from qtune.kernels import swiglu as ks
 from qtune.kernels import matmul4bit as mm
+from qtune.kernels import matmul4bit_tma as mt
 from qtune.kernels import nibbles
 from qtune.quant.codes import code_table
 from qtune.kernels import quantize as kq
@@ -39,7 +40,33 @@ def compile_one(fn, sig: dict, consts: dict, arch: int, warps: int = 4, stages: 
         return f"FAILED {type(e).__name__}: {str(e).splitlines()[-1][:300] if str(e) else ''}"
 
 
+def compile_tma(dtype: torch.dtype, nested: bool, block_m: int, warps: int, stages: int) -> str:
+    """matmul4bit_tma's Gluon kernel for sm_90, its TMA descriptors' types from stand-in tensors."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    xl, wl = mt._layouts(block_m, dtype)
+    xd = TensorDescriptor.from_tensor(torch.empty(block_m, 5120, dtype=dtype), [block_m, mt.BLOCKSIZE], xl)
+    wd = TensorDescriptor.from_tensor(torch.empty(mt.BLOCK_N, 2560, dtype=torch.uint8), [mt.BLOCK_N, 32], wl)
+    pt = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    sig = {"y_ptr": pt, "xd": mangle_type(xd), "wd": mangle_type(wd), "absmax_ptr": "*u8" if nested else "*fp32",
+           "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": pt,
+           "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32"}
+    c = {"DECODE": nibbles.decode_asm_for(code_table("nf4").tolist(), dtype), "SCALE": mt.SCALE_ASM[dtype],
+         "NESTED": nested, "HAS_BIAS": True, "STAGES": stages}
+    try:
+        k = triton.compile(GluonASTSource(fn=mt._fwd_tma_kernel, signature={**sig, **{n: "constexpr" for n in c}},
+                                          constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        return f"ok shared={k.metadata.shared}"
+    except Exception as e:  # report and go on
+        return f"FAILED {type(e).__name__}: {str(e).splitlines()[-1][:300] if str(e) else ''}"
+
+
 def main() -> None:
+    for (block_m, warps, stages), dt, nested in itertools.product(mt.CONFIGS, (torch.bfloat16, torch.float16),
+                                                                  (True, False)):
+        print(f"fwd tma sm_90 {dt} nested={nested} block_m={block_m}: {compile_tma(dt, nested, block_m, warps, stages)}")
     for arch, dt, nested in itertools.product((90, 75), (tl.bfloat16, tl.float16, tl.float32), (True, False)):
         if arch == 75 and dt == tl.bfloat16:
             continue

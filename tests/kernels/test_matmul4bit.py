@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qtune.kernels import matmul4bit as mm
+from qtune.kernels import matmul4bit_tma as mt
 from qtune.nn import Linear4bit
 from qtune.quant import quantize_4bit
 from qtune.quant.reference import dequantize_4bit as reference_dequant
@@ -93,6 +94,71 @@ def test_register_decode_matches_reference(monkeypatch, M, N, K, quant_type, blo
             assert rel_err(y, want) < BOUND[dtype], config
 
 
+def _replay_matches(run, x, W):
+    """run() captured in a CUDA graph and replayed on new values in x's buffer equals an eager call bit
+    for bit, and the float32 product x W^T within bf16's bound."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        y_graph = run()
+    torch.cuda.current_stream().wait_stream(stream)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(y_graph, run())
+    assert rel_err(y_graph, x.float() @ W.T) < BOUND[torch.bfloat16]
+
+
+def _hopper_or_skip():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9 or mt.gluon is None:
+        pytest.skip("matmul4bit_tma's kernel needs sm_90 and Gluon's Hopper API")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(65, 200, 320), (128, 13824, 5120), (200, 1000, 256), (256, 4096, 4096)])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tma_kernel_matches_reference(monkeypatch, M, N, K, double_quant, dtype):
+    """Kind 5 (matmul4bit_tma: TMA, warp-specialized, the decoded tile of W in shared memory) by the
+    default dispatch from 65 to 256 rows, with and without bias, on a poisoned output; N not a multiple
+    of its 128-row tiles, M not a power of two."""
+    _hopper_or_skip()
+    ran, tma_forward = [], mt.forward
+    monkeypatch.setattr(mt, "forward", lambda *a, **kw: ran.append(1) or tma_forward(*a, **kw))
+    packed, state, W = _weight(N, K, double_quant=double_quant)
+    x, bias = torch.randn(M, K, device=DEVICE).to(dtype), torch.randn(N, device=DEVICE).to(dtype)
+    for b in (bias, None):
+        y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+        mm.forward(x, packed, state.absmax, state.code, N, 64, state.nested_tensors, b, out=y)
+        assert rel_err(y, x.float() @ W.T + (0 if b is None else b.float())) < BOUND[dtype]
+    assert len(ran) == 2
+
+
+@pytest.mark.gpu
+def test_tma_kernel_replays_in_a_cuda_graph():
+    """The TMA descriptors are kernel parameters: a captured call replays on new X in the same buffer."""
+    _hopper_or_skip()
+    packed, state, W = _weight(1000, 512)
+    x = torch.randn(96, 512, device=DEVICE, dtype=torch.bfloat16)
+    run = lambda: mm.forward(x, packed, state.absmax, state.code, 1000, 64, state.nested_tensors)
+    run()  # compiled and the code table read outside the capture
+    _replay_matches(run, x, W)
+
+
+def test_tma_kernel_declines_what_it_cannot_take():
+    """matmul4bit_tma.usable: 16-bit X, 65-256 rows, blocksize 64, 16-byte aligned rows and bases."""
+    packed = torch.zeros(4096 * 128, dtype=torch.uint8, device=DEVICE)
+    x = torch.zeros(128, 256, dtype=torch.bfloat16, device=DEVICE)
+    want = mt.gluon is not None
+    assert mt.usable(x, packed, 64) == want
+    assert not mt.usable(x.float(), packed, 64)
+    assert not mt.usable(x[:64], packed, 64) and not mt.usable(torch.zeros(257, 256, dtype=torch.bfloat16), packed, 64)
+    assert not mt.usable(x, packed, 128)
+    assert not mt.usable(x[:, 1:249], packed, 64)  # base off 16 bytes
+    assert not mt.usable(torch.zeros(128, 260, dtype=torch.bfloat16)[:, :256], packed, 64)  # rows 520 bytes apart
+    assert not mt.usable(x, packed[1:], 64)
+
+
 @pytest.mark.gpu
 def test_register_decode_falls_back_while_a_cuda_graph_captures():
     """A code table first met during capture is not read (that would sync): the lookups (kind 3) run
@@ -129,16 +195,7 @@ def test_dependent_launch_matches_a_plain_launch(monkeypatch, M):
     monkeypatch.setattr(mm, "PDL_MAX_M", 0)
     assert torch.equal(run(), y)
     monkeypatch.setattr(mm, "PDL_MAX_M", 64)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        y_graph = run()
-    torch.cuda.current_stream().wait_stream(stream)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    assert torch.equal(y_graph, run())
-    assert rel_err(y_graph, x.float() @ W.T) < BOUND[torch.bfloat16]
+    _replay_matches(run, x, W)
 
 
 @pytest.mark.parametrize("M,K,blocksize", [(3, 320, 64), (1, 2048, 32), (5, 1280, 256), (2, 256, 128)])
@@ -234,7 +291,7 @@ def test_linear4bit_real_sizes(N, K, M, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 16, 32, 64, 256])  # each default launch shape of the forward
+@pytest.mark.parametrize("M", [1, 16, 32, 64, 128, 256])  # each default launch shape of the forward
 def test_kernels_real_sizes(M):
     packed, state, W = _weight(13824, 5120)
     x = torch.randn(M, 5120, device=DEVICE, dtype=torch.bfloat16)
