@@ -472,7 +472,7 @@ def _config(M: int, dtype: torch.dtype, hopper: bool = False) -> tuple[int, int,
     if dtype == torch.float32:
         return _lookup_config(M, dtype)
     if hopper and matmul4bit_tma.MIN_M <= M <= matmul4bit_tma.MAX_M:
-        block_m, warps, stages = matmul4bit_tma.CONFIGS[0 if M <= matmul4bit_tma.CONFIGS[0][0] else 1]
+        block_m, warps, stages = matmul4bit_tma.launch_config(M)
         return block_m, matmul4bit_tma.BLOCK_N, warps, stages, 5, 1
     if M <= 16:
         return 16, 128, 4, 3, 4, 4
@@ -556,7 +556,8 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     if lut == 5:
         asm = nibbles.decode_asm(code, x.dtype) if x.dtype != torch.float32 else None
         if asm is not None and _hopper(x.device) and matmul4bit_tma.usable(x, packed, blocksize):
-            return matmul4bit_tma.forward(x, packed, absmax, nested, N, bias, asm, y, (bm, warps, stages))
+            return matmul4bit_tma.forward(x, packed, absmax, _nested_args(absmax, nested), nested is not None, N, bias,
+                                          asm, y, (bm, warps, stages))
         bm, bn, warps, stages, lut, *rest = _config(M, x.dtype)
     if lut == 4:
         if x.dtype == torch.float32:

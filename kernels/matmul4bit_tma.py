@@ -153,18 +153,22 @@ def _layouts(block_m: int, dtype: torch.dtype):
     return _LAYOUTS[key]
 
 
-def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested, N: int, bias: torch.Tensor | None,
-            decode: str, y: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """y = x @ deq(W)^T (+ bias), as matmul4bit.forward (where `usable`); `decode` is
-    nibbles.decode_asm's for x's dtype, config (BLOCK_M, num_warps, stages) or CONFIGS' by rows."""
+def launch_config(M: int) -> tuple[int, int, int]:
+    """(BLOCK_M, num_warps, stages) from CONFIGS for M rows of X."""
+    return CONFIGS[0 if M <= CONFIGS[0][0] else 1]
+
+
+def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_args: tuple, nested: bool, N: int,
+            bias: torch.Tensor | None, decode: str, y: torch.Tensor, config: tuple[int, int, int]) -> torch.Tensor:
+    """y = x @ deq(W)^T (+ bias), as matmul4bit.forward (where `usable`): nested_args its (nested absmax,
+    nested code, offset) or stand-ins, `decode` nibbles.decode_asm's for x's dtype, config (BLOCK_M,
+    num_warps, stages) as launch_config gives."""
     M, K = x.shape
-    block_m, warps, stages = config or CONFIGS[0 if M <= CONFIGS[0][0] else 1]
+    block_m, warps, stages = config
     x_layout, w_layout = _layouts(block_m, x.dtype)
     xd = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_m, BLOCKSIZE], x_layout)
-    wd = TensorDescriptor(packed.view(torch.uint8).view(-1, K // 2)[:N], [N, K // 2], [K // 2, 1],
-                          [BLOCK_N, BLOCKSIZE // 2], w_layout)
-    na, nc, off = nested if nested is not None else (absmax, absmax, absmax)
-    launch(_fwd_tma_kernel, (cdiv(N, BLOCK_N),), y, xd, wd, absmax, na, nc, off, bias if bias is not None else y, M, N,
-           K, y.stride(0), DECODE=decode, SCALE=SCALE_ASM[x.dtype], NESTED=nested is not None,
-           HAS_BIAS=bias is not None, STAGES=stages, num_warps=warps, num_stages=1)
+    wd = TensorDescriptor(packed.view(torch.uint8), [N, K // 2], [K // 2, 1], [BLOCK_N, BLOCKSIZE // 2], w_layout)
+    launch(_fwd_tma_kernel, (cdiv(N, BLOCK_N),), y, xd, wd, absmax, *nested_args, bias if bias is not None else y, M,
+           N, K, y.stride(0), DECODE=decode, SCALE=SCALE_ASM[x.dtype], NESTED=nested, HAS_BIAS=bias is not None,
+           STAGES=stages, num_warps=warps, num_stages=1)
     return y

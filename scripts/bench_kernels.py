@@ -174,7 +174,8 @@ def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
     bm = max(16, min(256, 1 << (m - 1).bit_length()))
     regs = [(bm, bn, w, st, 4, sk, 1) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4) for sk in (1, 2, 4)
             if m <= 256 and not (bn == 64 and w == 8) and not (bm >= 128 and sk == 4)]
-    tma = [(bm, 128, 8, st, 5, 1, 1) for st in (3, 4, 5, 6) if 65 <= m <= 256 and (bm == 128 or st <= 5)]
+    tma = [(bm, mm.matmul4bit_tma.BLOCK_N, 8, st, 5, 1, 1) for st in (3, 4, 5, 6)
+           if mm.matmul4bit_tma.MIN_M <= m <= mm.matmul4bit_tma.MAX_M and (bm == 128 or st <= 5)]
     return tma + regs + _lookup_candidates(m)
 
 

@@ -30,10 +30,10 @@ from qtune.kernels import quantize as kq
 P = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
 
 
-def compile_one(fn, sig: dict, consts: dict, arch: int, warps: int = 4, stages: int = 3) -> str:
+def compile_one(fn, sig: dict, consts: dict, arch: int, warps: int = 4, stages: int = 3, source=ASTSource) -> str:
     sig = {**sig, **{k: "constexpr" for k in consts}}
     try:
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+        k = triton.compile(source(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": warps, "num_stages": stages})
         return f"ok shared={k.metadata.shared} regs={getattr(k, 'n_regs', '?')}"
     except Exception as e:  # report and go on
@@ -55,12 +55,7 @@ def compile_tma(dtype: torch.dtype, nested: bool, block_m: int, warps: int, stag
            "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32"}
     c = {"DECODE": nibbles.decode_asm_for(code_table("nf4").tolist(), dtype), "SCALE": mt.SCALE_ASM[dtype],
          "NESTED": nested, "HAS_BIAS": True, "STAGES": stages}
-    try:
-        k = triton.compile(GluonASTSource(fn=mt._fwd_tma_kernel, signature={**sig, **{n: "constexpr" for n in c}},
-                                          constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        return f"ok shared={k.metadata.shared}"
-    except Exception as e:  # report and go on
-        return f"FAILED {type(e).__name__}: {str(e).splitlines()[-1][:300] if str(e) else ''}"
+    return compile_one(mt._fwd_tma_kernel, sig, c, 90, warps, 1, source=GluonASTSource)
 
 
 def main() -> None:
