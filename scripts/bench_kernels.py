@@ -3,7 +3,8 @@
     python scripts/bench_kernels.py            # the table; JSON to $OUT/bench_kernels.json
     python scripts/bench_kernels.py --sweep    # launch configs of the fused kernels per M
 
-Copy bandwidth (a device-to-device copy); quantize and dequantize (NF4 + double quant, bf16;
+Copy bandwidth (a device-to-device copy); the read floor (a kernel that only reads the packed bytes
+of the 13824x5120 weight, timed as the forward's CUDA graphs are); quantize and dequantize (NF4 + double quant, bf16;
 GB/s counts packed bytes + bf16 bytes); forward Y = X @ W^T at M = 1, 16, 32, 64, 256, 4096, 16384
 (K=5120, N=13824, bf16) for qtune's Linear4bit (its dispatch), the fused kernel and
 dequantize + cuBLAS alone, bitsandbytes' Linear4bit and bf16 nn.Linear; forward + input gradient
@@ -21,6 +22,8 @@ import os
 import sys
 
 import torch
+import triton
+import triton.language as tl
 from triton.testing import do_bench
 
 from qtune.kernels import matmul4bit as mm
@@ -115,6 +118,38 @@ def bench_matmul(rows: list) -> None:
         print(f"fwd+dX  M={m:5}: qtune {times['qtune'] * 1e3:7.1f} us, bitsandbytes {times['bnb'] * 1e3:7.1f} us, "
               f"bf16 {times['bf16'] * 1e3:7.1f} us -> {times['bnb'] / times['qtune']:.2f}x bitsandbytes, "
               f"{times['bf16'] / times['qtune']:.2f}x bf16")
+
+
+@triton.jit
+def _read_kernel(w_ptr, out_ptr, n_rows, WORDS: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
+                 STEPS: tl.constexpr):
+    """XOR of a (ROWS * STEPS, CHUNK) tile of int32 words: reads the bytes and nothing else."""
+    cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    acc = tl.zeros((ROWS, CHUNK), tl.int32)
+    for s in tl.range(STEPS, num_stages=3):
+        r = tl.program_id(0) * ROWS * STEPS + s * ROWS + tl.arange(0, ROWS)
+        acc ^= tl.load(w_ptr + r.to(tl.int64)[:, None] * WORDS + cols[None, :],
+                       mask=(r < n_rows)[:, None] & (cols < WORDS)[None, :], other=0)
+    tl.store(out_ptr + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * ROWS + tl.arange(0, ROWS),
+             tl.sum(acc, 1))
+
+
+def bench_floor(rows: list) -> None:
+    """The GEMV's floor as measured here: a kernel that only reads a 13824x5120 weight's packed bytes
+    (best of a few launch shapes), in flushed CUDA graphs as the forward table times M=1."""
+    words = torch.randint(-2**31, 2**31 - 1, (N, K // 8), dtype=torch.int32, device="cuda")
+    out = torch.empty(2**20, dtype=torch.int32, device="cuda")
+    best = (float("inf"), None)
+    for chunk, r, steps, warps in ((128, 2, 8, 1), (128, 2, 16, 1), (128, 8, 8, 2), (256, 8, 8, 4), (1024, 2, 8, 2)):
+        grid = (triton.cdiv(N, r * steps), triton.cdiv(K // 8, chunk))
+        t = graph_ms(lambda: _read_kernel[grid](words, out, N, WORDS=K // 8, CHUNK=chunk, ROWS=r, STEPS=steps,
+                                                num_warps=warps))
+        best = min(best, (t, (chunk, r, steps, warps)))
+    nbytes = words.numel() * 4
+    rows.append({"op": "read_floor", "bytes": nbytes, "graph_ms": best[0], "config": best[1]})
+    print(f"read floor: the packed bytes of {N}x{K} ({nbytes / 1e6:.1f} MB) read and XORed in "
+          f"{best[0] * 1e3:.1f} us in flushed CUDA graphs ({nbytes / best[0] / 1e6:.0f} GB/s; words per row, "
+          f"rows per step, steps, warps {best[1]})")
 
 
 _FLUSH: list = []
@@ -300,11 +335,11 @@ def main() -> None:
                     help="the rows --sweep tries with the tiled kernel (each M compiles and times tens of configs)")
     ap.add_argument("--sweep-gemv-m", type=int, nargs="*", default=[1, 2, 4, 8, 16],
                     help="the rows --sweep tries with the GEMV")
-    ap.add_argument("--parts", nargs="+", choices=["formats", "matmul", "int8"], default=["formats", "matmul", "int8"],
+    ap.add_argument("--parts", nargs="+", choices=["formats", "floor", "matmul", "int8"],
+                    default=["formats", "floor", "matmul", "int8"],
                     help="which tables to measure (default: all)")
     args = ap.parse_args()
     import bitsandbytes as bnb
-    import triton
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"bitsandbytes {bnb.__version__}")
@@ -319,6 +354,8 @@ def main() -> None:
             sweep_formats(rows, bw)
         if "formats" in args.parts:
             bench_formats(rows, bw)
+        if "floor" in args.parts:
+            bench_floor(rows)
         if "matmul" in args.parts:
             bench_matmul(rows)
         if "int8" in args.parts:
