@@ -10,8 +10,8 @@ one block of W's rows at a time, and a CUDA-core GEMV serves a single row (split
 X held in registers). Each reads a block's packed bytes once and applies the block's absmax (decoded
 from its nested 8-bit code when double-quantized) to the block's partial product or to the codes.
 Needs K % blocksize == 0 and blocksize <= 256; callers fall back to dequantize + cuBLAS otherwise
-and where that is faster. On sm_90, 65 to 256 rows of 16-bit X go to matmul4bit_tma's Gluon kernel
-(LUT kind 5) where it takes them.
+and where that is faster. On sm_90, 17 to 256 rows of 16-bit X go to matmul4bit_tma's Gluon kernels
+(LUT kinds 6 and 5) where they take them.
 """
 
 from __future__ import annotations
@@ -468,11 +468,13 @@ def _dot_dtype(dtype: torch.dtype):
 def _config(M: int, dtype: torch.dtype, hopper: bool = False) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K) by the number of rows
     (scripts/bench_kernels.py --sweep): in 16 bits the codes decoded in registers, one tile of M; on
-    Hopper from 65 rows kind 5, matmul4bit_tma's kernel (its own BLOCK_N; split-K 1)."""
+    Hopper matmul4bit_tma's kernels, kind 6 from 17 to 64 rows and kind 5 from 65 (split-K 1)."""
     if dtype == torch.float32:
         return _lookup_config(M, dtype)
-    if hopper and matmul4bit_tma.MIN_M <= M <= matmul4bit_tma.MAX_M:
-        block_m, warps, stages = matmul4bit_tma.launch_config(M)
+    if hopper and matmul4bit_tma.RS_MIN_M <= M <= matmul4bit_tma.MAX_M:
+        block_m, warps, stages, _ = matmul4bit_tma.launch_config(M)
+        if M <= matmul4bit_tma.RS_MAX_M:
+            return block_m, 16 * warps, warps, stages, 6, 1
         return block_m, matmul4bit_tma.BLOCK_N, warps, stages, 5, 1
     if M <= 16:
         return 16, 128, 4, 3, 4, 4
@@ -546,18 +548,20 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     dtype viewed as bytes; absmax float32, or uint8 codes with nested = (nested_absmax,
     nested_code, offset). `config`: as _config returns, optionally with NBLK (absmax blocks per
     iteration) after SPLIT_K. LUT kind: _lookup's 0-3 in _fwd_kernel, 4, _fwd_regs_kernel (16-bit
-    x; NBLK does not apply), or 5, matmul4bit_tma's (where it runs, else kind 4's default)."""
+    x; NBLK does not apply), or 5 and 6, matmul4bit_tma's (where they run, else kind 4's default)."""
     M, K = x.shape
     if config is None and M <= GEMV_MAX_M:  # (already on x's device)
         return gemv.__wrapped__(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     bm, bn, warps, stages, lut, *rest = config or _config(M, x.dtype, _hopper(x.device))
     asm = None
-    if lut == 5:
+    if lut in (5, 6):
         asm = nibbles.decode_asm(code, x.dtype) if x.dtype != torch.float32 else None
-        if asm is not None and _hopper(x.device) and matmul4bit_tma.usable(x, packed, blocksize):
-            return matmul4bit_tma.forward(x, packed, absmax, _nested_args(absmax, nested), nested is not None, N, bias,
-                                          asm, y, (bm, warps, stages))
+        if asm is not None and _hopper(x.device) and matmul4bit_tma.usable(x, packed, blocksize, lut):
+            config = matmul4bit_tma.launch_config(bm)[3:] if lut == 6 else ()  # maxnreg by BLOCK_M
+            return matmul4bit_tma.forward(x if lut == 5 else _x_order(x, blocksize), packed, absmax,
+                                          _nested_args(absmax, nested), nested is not None, N, bias, asm, y,
+                                          (bm, warps, stages, *config), lut)
         bm, bn, warps, stages, lut, *rest = _config(M, x.dtype)
     if lut == 4:
         if x.dtype == torch.float32:

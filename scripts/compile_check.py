@@ -40,28 +40,33 @@ def compile_one(fn, sig: dict, consts: dict, arch: int, warps: int = 4, stages: 
         return f"FAILED {type(e).__name__}: {str(e).splitlines()[-1][:300] if str(e) else ''}"
 
 
-def compile_tma(dtype: torch.dtype, nested: bool, block_m: int, warps: int, stages: int) -> str:
-    """matmul4bit_tma's Gluon kernel for sm_90, its TMA descriptors' types from stand-in tensors."""
+def compile_tma(dtype: torch.dtype, nested: bool, block_m: int, warps: int, stages: int, kind: int) -> str:
+    """matmul4bit_tma's Gluon kernel (kind 5 or 6) for sm_90, its TMA descriptors' types from stand-in
+    tensors."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    xl, wl = mt._layouts(block_m, dtype)
+    block_n = mt.BLOCK_N if kind == 5 else 16 * warps
+    xl, wl = mt._layouts(block_m, block_n, dtype)
     xd = TensorDescriptor.from_tensor(torch.empty(block_m, 5120, dtype=dtype), [block_m, mt.BLOCKSIZE], xl)
-    wd = TensorDescriptor.from_tensor(torch.empty(mt.BLOCK_N, 2560, dtype=torch.uint8), [mt.BLOCK_N, 32], wl)
+    wd = TensorDescriptor.from_tensor(torch.empty(block_n, 2560, dtype=torch.uint8), [block_n, 32], wl)
     pt = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"y_ptr": pt, "xd": mangle_type(xd), "wd": mangle_type(wd), "absmax_ptr": "*u8" if nested else "*fp32",
            "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": pt,
            "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32"}
     c = {"DECODE": nibbles.decode_asm_for(code_table("nf4").tolist(), dtype), "SCALE": mt.SCALE_ASM[dtype],
-         "NESTED": nested, "HAS_BIAS": True, "STAGES": stages}
+         "NESTED": nested, "HAS_BIAS": True, "STAGES": stages,
+         "BYTE_L": mt.rs_byte_layout(warps) if kind == 6 else None}
     return compile_one(mt._fwd_tma_kernel, sig, c, 90, warps, 1, source=GluonASTSource)
 
 
 def main() -> None:
-    for (block_m, warps, stages), dt, nested in itertools.product(mt.CONFIGS, (torch.bfloat16, torch.float16),
-                                                                  (True, False)):
-        print(f"fwd tma sm_90 {dt} nested={nested} block_m={block_m}: {compile_tma(dt, nested, block_m, warps, stages)}")
+    for (block_m, warps, stages, _), dt, nested in itertools.product(mt.RS_CONFIGS + mt.CONFIGS,
+                                                                     (torch.bfloat16, torch.float16), (True, False)):
+        kind = 6 if block_m <= mt.RS_MAX_M else 5
+        print(f"fwd tma kind {kind} sm_90 {dt} nested={nested} block_m={block_m}: "
+              f"{compile_tma(dt, nested, block_m, warps, stages, kind)}")
     for arch, dt, nested in itertools.product((90, 75), (tl.bfloat16, tl.float16, tl.float32), (True, False)):
         if arch == 75 and dt == tl.bfloat16:
             continue

@@ -115,38 +115,45 @@ def _hopper_or_skip():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K", [(65, 200, 320), (128, 13824, 5120), (200, 1000, 256), (256, 4096, 4096)])
+@pytest.mark.parametrize("M,N,K", [(17, 200, 256), (32, 13824, 5120), (40, 1000, 512), (64, 4096, 4096), (48, 200, 320),
+                                   (65, 200, 320), (128, 13824, 5120), (200, 1000, 256), (256, 4096, 4096)])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_tma_kernel_matches_reference(monkeypatch, M, N, K, double_quant, dtype):
-    """Kind 5 (matmul4bit_tma: TMA, warp-specialized, the decoded tile of W in shared memory) by the
-    default dispatch from 65 to 256 rows, with and without bias, on a poisoned output; N not a multiple
-    of its 128-row tiles, M not a power of two."""
+    """Kinds 6 (17-64 rows: W's bytes decoded in the MMA's register operand, X in k pair order) and 5
+    (65-256 rows: the decoded tile of W in shared memory) of matmul4bit_tma, TMA-fed and
+    warp-specialized, by the default dispatch, with and without bias, on a poisoned output; N not a
+    multiple of the tiles' rows, M not a power of two. Kind 6 needs an even number of absmax blocks
+    per row: at K=320 (5) kind 4 takes the product."""
     _hopper_or_skip()
     ran, tma_forward = [], mt.forward
-    monkeypatch.setattr(mt, "forward", lambda *a, **kw: ran.append(1) or tma_forward(*a, **kw))
+    monkeypatch.setattr(mt, "forward", lambda *a, **kw: ran.append(a[10]) or tma_forward(*a, **kw))
     packed, state, W = _weight(N, K, double_quant=double_quant)
     x, bias = torch.randn(M, K, device=DEVICE).to(dtype), torch.randn(N, device=DEVICE).to(dtype)
     for b in (bias, None):
         y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
         mm.forward(x, packed, state.absmax, state.code, N, 64, state.nested_tensors, b, out=y)
         assert rel_err(y, x.float() @ W.T + (0 if b is None else b.float())) < BOUND[dtype]
-    assert len(ran) == 2
+    kind = 6 if M <= mt.RS_MAX_M else 5
+    assert ran == ([] if kind == 6 and K % 128 else [kind] * 2)
 
 
 @pytest.mark.gpu
-def test_tma_kernel_replays_in_a_cuda_graph():
-    """The TMA descriptors are kernel parameters: a captured call replays on new X in the same buffer."""
+@pytest.mark.parametrize("M", [40, 96])
+def test_tma_kernel_replays_in_a_cuda_graph(M):
+    """The TMA descriptors are kernel parameters: a captured call (kind 6 with X's reordering copy, or
+    kind 5) replays on new X in the same buffer."""
     _hopper_or_skip()
     packed, state, W = _weight(1000, 512)
-    x = torch.randn(96, 512, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(M, 512, device=DEVICE, dtype=torch.bfloat16)
     run = lambda: mm.forward(x, packed, state.absmax, state.code, 1000, 64, state.nested_tensors)
     run()  # compiled and the code table read outside the capture
     _replay_matches(run, x, W)
 
 
 def test_tma_kernel_declines_what_it_cannot_take():
-    """matmul4bit_tma.usable: 16-bit X, 65-256 rows, blocksize 64, 16-byte aligned rows and bases."""
+    """matmul4bit_tma.usable: 16-bit X, 65-256 rows (kind 5) or 17-64 with an even number of absmax
+    blocks per row (kind 6), blocksize 64, 16-byte aligned rows and bases."""
     packed = torch.zeros(4096 * 128, dtype=torch.uint8, device=DEVICE)
     x = torch.zeros(128, 256, dtype=torch.bfloat16, device=DEVICE)
     want = mt.gluon is not None
@@ -157,6 +164,9 @@ def test_tma_kernel_declines_what_it_cannot_take():
     assert not mt.usable(x[:, 1:249], packed, 64)  # base off 16 bytes
     assert not mt.usable(torch.zeros(128, 260, dtype=torch.bfloat16)[:, :256], packed, 64)  # rows 520 bytes apart
     assert not mt.usable(x, packed[1:], 64)
+    assert mt.usable(x[:17], packed, 64, 6) == want and mt.usable(x[:64], packed, 64, 6) == want  # kind 6: 17-64 rows
+    assert not mt.usable(x[:16], packed, 64, 6) and not mt.usable(x[:65], packed, 64, 6)
+    assert not mt.usable(torch.zeros(32, 320, dtype=torch.bfloat16, device=DEVICE), packed, 64, 6)  # 5 blocks a row
 
 
 @pytest.mark.gpu
@@ -180,14 +190,15 @@ def test_register_decode_falls_back_while_a_cuda_graph_captures():
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [16, 64])
 def test_dependent_launch_matches_a_plain_launch(monkeypatch, M):
-    """On sm_90+ the register-decode matmul at up to PDL_MAX_M rows is launched while X's copy runs
-    (programmatic dependent launch): it was launched so, its output equals a plain launch's bit for
-    bit, and a CUDA graph of it replays on new X."""
+    """On sm_90+ the register-decode matmul (kind 4: from 17 rows where matmul4bit_tma's kind 6 does not
+    run) at up to PDL_MAX_M rows is launched while X's copy runs (programmatic dependent launch): it was
+    launched so, its output equals a plain launch's bit for bit, and a CUDA graph of it replays on new X."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
     packed, state, W = _weight(13824, 5120)
     x = torch.randn(M, 5120, device=DEVICE, dtype=torch.bfloat16)
-    run = lambda: mm.forward(x, packed, state.absmax, state.code, 13824, 64, state.nested_tensors)
+    config = mm._config(M, torch.bfloat16)  # kind 4
+    run = lambda: mm.forward(x, packed, state.absmax, state.code, 13824, 64, state.nested_tensors, config=config)
     seen, launch = [], mm.launch
     monkeypatch.setattr(mm, "launch", lambda k, *a, **kw: seen.append(kw.get("PDL")) or launch(k, *a, **kw))
     y = run()
