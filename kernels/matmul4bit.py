@@ -558,10 +558,9 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     if lut in (5, 6):
         asm = nibbles.decode_asm(code, x.dtype) if x.dtype != torch.float32 else None
         if asm is not None and _hopper(x.device) and matmul4bit_tma.usable(x, packed, blocksize, lut):
-            maxnreg = matmul4bit_tma.launch_config(bm)[3:] if lut == 6 else ()  # kind 6's, by BLOCK_M
             return matmul4bit_tma.forward(x if lut == 5 else _x_order(x, blocksize), packed, absmax,
                                           _nested_args(absmax, nested), nested is not None, N, bias, asm, y,
-                                          (bm, warps, stages, *maxnreg), lut)
+                                          (bm, warps, stages), lut)
         bm, bn, warps, stages, lut, *rest = _config(M, x.dtype)
     if lut == 4:
         if x.dtype == torch.float32:

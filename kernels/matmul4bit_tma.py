@@ -275,10 +275,10 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
             bias: torch.Tensor | None, decode: str, y: torch.Tensor, config: tuple, kind: int = 5) -> torch.Tensor:
     """y = x @ deq(W)^T (+ bias), as matmul4bit.forward (where `usable`): nested_args its (nested absmax,
     nested code, offset) or stand-ins, `decode` nibbles.decode_asm's for x's dtype, config (BLOCK_M,
-    num_warps, stages[, maxnreg]) as launch_config gives. Kind 6 takes x in matmul4bit._x_order's column
-    order."""
+    num_warps, stages) as launch_config gives (its maxnreg follows BLOCK_M). Kind 6 takes x in
+    matmul4bit._x_order's column order."""
     M, K = x.shape
-    block_m, warps, stages, *rest = config
+    block_m, warps, stages = config
     if kind == 6 and stages % 2:
         raise ValueError(f"kind 6 takes two blocks per step: stages must be even, not {stages}")
     block_n = BLOCK_N if kind == 5 else 16 * warps
@@ -288,5 +288,5 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
     launch(_fwd_tma_kernel, (cdiv(N, block_n),), y, xd, wd, absmax, *nested_args, bias if bias is not None else y, M,
            N, K, y.stride(0), DECODE=decode, SCALE=SCALE_ASM[x.dtype], NESTED=nested, HAS_BIAS=bias is not None,
            STAGES=stages, BYTE_L=rs_byte_layout(warps) if kind == 6 else None, num_warps=warps, num_stages=1,
-           maxnreg=rest[0] if rest else None)
+           maxnreg=launch_config(block_m)[3])
     return y
