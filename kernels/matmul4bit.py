@@ -468,7 +468,7 @@ def _dot_dtype(dtype: torch.dtype):
 def _config(M: int, dtype: torch.dtype, hopper: bool = False) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K) by the number of rows
     (scripts/bench_kernels.py --sweep): in 16 bits the codes decoded in registers, one tile of M; on
-    Hopper matmul4bit_tma's kernels, kind 6 from 17 to 64 rows and kind 5 from 65 (split-K 1)."""
+    Hopper matmul4bit_tma's kernels, kind 6 from 2 to 64 rows and kind 5 from 65 (split-K 1)."""
     if dtype == torch.float32:
         return _lookup_config(M, dtype)
     if hopper and matmul4bit_tma.RS_MIN_M <= M <= matmul4bit_tma.MAX_M:
@@ -556,9 +556,9 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     bm, bn, warps, stages, lut, *rest = config or _config(M, x.dtype, _hopper(x.device))
     asm = None
     if lut in (5, 6):
-        asm = nibbles.decode_asm(code, x.dtype) if x.dtype != torch.float32 else None
-        if asm is not None and _hopper(x.device) and matmul4bit_tma.usable(x, packed, blocksize, lut):
-            return matmul4bit_tma.forward(x if lut == 5 else _x_order(x, blocksize), packed, absmax,
+        asm = nibbles.decode_asm(code, x.dtype, lut == 6) if x.dtype != torch.float32 else None
+        if asm is not None and _hopper(x.device) and matmul4bit_tma.usable(x, packed, blocksize, lut, absmax):
+            return matmul4bit_tma.forward(x if lut == 5 else _x_order(x, blocksize, pdl=True), packed, absmax,
                                           _nested_args(absmax, nested), nested is not None, N, bias, asm, y,
                                           (bm, warps, stages), lut)
         bm, bn, warps, stages, lut, *rest = _config(M, x.dtype)

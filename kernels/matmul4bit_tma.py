@@ -1,12 +1,12 @@
-"""Hopper's fused dequantize-matmul for 17 to 256 rows of X, in Gluon (Triton's explicit-layout
-language): Y^T = deq(W) X^T. A producer warp streams each absmax block's packed bytes of W and X's
-matching columns by TMA into a ring of stages; the other warps decode the bytes (nibbles.decode's
-asm), fold in the absmax and run the MMA as an asynchronous wgmma while they decode the next block.
-From 65 rows (kind 5) the decoded tile of W goes to shared memory for the MMA, and X keeps its own
-column order: the decode writes each byte's two codes as the pair of columns they pack. From 17 to 64
-rows (kind 6) the bytes are loaded into the MMA's register operand and decoded there, two blocks per
-step, and X comes in matmul4bit._x_order's column order (the k pairs a thread holds are contiguous
-bytes). Imports torch and triton.
+"""Hopper's fused dequantize-matmul for 2 to 256 rows of X, in Gluon (Triton's explicit-layout
+language): Y^T = deq(W) X^T. A producer warp streams W's packed bytes and X's matching columns by TMA
+into a ring of stages; the other warps decode the bytes (nibbles.decode's asm), fold in the absmax and
+run the MMA as an asynchronous wgmma while they decode the next block. From 65 rows (kind 5) each stage
+is one absmax block, and the decoded tile of W goes to shared memory for the MMA; X keeps its own column
+order: the decode writes each byte's two codes as the pair of columns they pack. Up to 64 rows (kind 6)
+each stage is four blocks (128 bytes of each row of W: whole 128-byte lines), loaded into the MMA's
+register operand and decoded there, and X comes in matmul4bit._x_order's column order (the k pairs a
+thread holds are contiguous bytes), its copy overlapped by a dependent launch. Imports torch and triton.
 
 Needs sm_90 (TMA, wgmma), 16-bit X and blocksize 64; `usable` says where it runs, and
 matmul4bit.forward falls back to its register-decode kernel elsewhere. Triton's interpreter does not
@@ -36,12 +36,17 @@ BLOCK_N = 128  # rows of W per program: two warpgroups of 64
 # this kernel was slower (55-64 us against 34.6-46.0 at its best split-K), and split-K 2 at M=128 took 76.9.
 CONFIGS = ((128, 8, 6, None), (256, 8, 5, None))
 MIN_M, MAX_M = 65, 256
-# Kind 6's, with 16 * num_warps rows of W per program. Same measure: M=32 37.0 us against 39.3, M=64
-# 39.5 against 46.2. Two blocks per step gained 3-4 us over one, 8 stages over 4, 6, 10, 12 or 16, 4
-# warps over 8; split-K 2 lost 3-8 us. At M=16 it took 35.5 against 34.3: kind 4 keeps up to 16 rows.
-RS_CONFIGS = ((32, 4, 8, 96), (64, 4, 8, 128))
-RS_MIN_M, RS_MAX_M = 17, 64
+# Kind 6's, with 16 * num_warps rows of W per program and RS_BLOCKS absmax blocks per stage. Same measure,
+# with X's copy (one H100, 13824x5120): M=16 31.0 us (kernel alone 29.1-29.2) against 34.1-34.6 for kind 4,
+# M=32 32.5 (30.5) against 37.1 for two blocks per stage of 32-byte row pieces, M=64 36.6 (34.0) against
+# 40.5. The stream alone (no decode, no MMA) took 22.2-27.4 us with 32-byte row pieces per stage, 18.9-23.2
+# with whole 128-byte lines (docs/benchmarks.md, fourteenth session).
+RS_CONFIGS = ((16, 4, 3, 128), (32, 4, 3, 128), (64, 8, 4, None))
+RS_MIN_M, RS_MAX_M = 2, 64
+RS_BLOCKS = 4
 SCALE_ASM = {torch.bfloat16: "mul.rn.bf16x2 $0, $1, $2;", torch.float16: "mul.rn.f16x2 $0, $1, $2;"}
+# Kind 6's: two 16-bit outputs packed in $0 from two 32-bit inputs each ($1 = $2, $3 = $4)
+PAIR_SCALE_ASM = {dtype: asm.replace("$2", "$3") for dtype, asm in SCALE_ASM.items()}
 
 
 def _jit(fn):
@@ -135,70 +140,147 @@ def _consume(y_ptr, xs, wb, wdec, ready, empty, absmax_ptr, nested_absmax_ptr, n
 
 
 @_jit
-def _rs_operand(wb_s, am, DECODE: gl.constexpr, DOT: gl.constexpr, byte_l: gl.constexpr, a_l: gl.constexpr):
-    """A stage's bytes of W as the wgmma's register operand: each thread loads the bytes of its fragment
-    (byte_l), put in k pair order as X's columns are, decodes them and scales each row by its absmax."""
-    BN: gl.constexpr = wb_s.shape[0]
-    R: gl.constexpr = wb_s.shape[1]
-    byte = wb_s.load(byte_l).reshape(BN, 4, R // 8, 2).permute(0, 2, 3, 1).reshape(BN, R)
-    pair = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r", [byte], dtype=gl.int32, is_pure=True, pack=4)
-    even = (pair & 0xFFFF).to(gl.int16).to(DOT, bitcast=True)
-    odd = (pair >> 16).to(gl.int16).to(DOT, bitcast=True)
-    a = gl.convert_layout(gl.join(even, odd).reshape(BN, 2 * R), a_l, assert_trivial=True)
-    return a * gl.expand_dims(am.to(DOT), 1)
+def _gdc_wait():
+    """Wait for the kernel this one was launched behind (programmatic dependent launch): X's copy."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@_jit
+def _produce_rs(xd, wd, xs, wb, ready, empty, n0, steps, STAGES: gl.constexpr):
+    """Kind 6's producer warp: stage i % STAGES gets W's bytes of blocks [i G, (i + 1) G) as one box
+    and X's columns as G boxes. W's first stages are requested before X's copy is waited for."""
+    RB: gl.constexpr = wd.block_type.shape[1]
+    G: gl.constexpr = RB // (xd.block_type.shape[1] // 2)
+    nbytes: gl.constexpr = G * xd.block_type.nbytes + wd.block_type.nbytes
+    for i in range(gl.minimum(steps, STAGES)):
+        mbarrier.expect(ready.index(i), nbytes)
+        tma.async_copy_global_to_shared(wd, [n0, i * RB], ready.index(i), wb.index(i))
+    _gdc_wait()
+    for i in range(steps):
+        s = i % STAGES
+        if i >= STAGES:
+            mbarrier.wait(empty.index(s), ((i // STAGES) - 1) & 1)
+            mbarrier.expect(ready.index(s), nbytes)
+            tma.async_copy_global_to_shared(wd, [n0, i * RB], ready.index(s), wb.index(s))
+        for j in gl.static_range(G):
+            tma.async_copy_global_to_shared(xd, [0, (i * G + j) * xd.block_type.shape[1]], ready.index(s),
+                                            xs.index(s * G + j))
+
+
+@_jit
+def _stage_stored(absmax_ptr, nested_absmax_ptr, rn, rows, q, blocks, i, NESTED: gl.constexpr):
+    """Stage i's stored absmax: nested, each row's 4 uint8 codes as one int32 word and the row's nested
+    absmax (4 blocks never straddle a group of 256); else the (rows, 4) float32 absmax."""
+    if NESTED:
+        words = absmax_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        return (gl.load(words + rn * (blocks // 4) + i, mask=rows, other=0),
+                gl.load(nested_absmax_ptr + (rn * blocks + 4 * i) // 256, mask=rows, other=0.0))
+    else:
+        blk = gl.expand_dims(rn * blocks + 4 * i, 1) + gl.expand_dims(q, 0)
+        return gl.load(absmax_ptr + blk, mask=gl.expand_dims(rows, 1), other=0.0), 0.0
+
+
+@_jit
+def _stage_absmax(stored, nested, q, nested_code_ptr, offset, NESTED: gl.constexpr):
+    """float32 (rows, 4) absmax of a stage from _stage_stored's pair, as the reference decodes it."""
+    if NESTED:
+        code = (gl.expand_dims(stored, 1) >> (8 * gl.expand_dims(q, 0))) & 0xFF
+        return gl.load(nested_code_ptr + code) * gl.expand_dims(nested, 1) + offset
+    else:
+        return stored
+
+
+@_jit
+def _rs_operand(byte, am, DECODE: gl.constexpr, SCALE: gl.constexpr, DOT: gl.constexpr, a_l: gl.constexpr,
+                t0, t1, t2, t3):
+    """A block's bytes (as loaded: storage order) as the wgmma's register operand: decoded to 32-bit code
+    pairs with the table words t0-t3 in registers, relabelled to k pair order (whole registers), each
+    pair scaled by its row's absmax in one bf16x2/f16x2 multiply that also makes it the operand's word."""
+    BN: gl.constexpr = byte.shape[0]
+    R: gl.constexpr = byte.shape[1]
+    pair = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r" + ",r" * 16, [byte, t0, t1, t2, t3], dtype=gl.int32,
+                                     is_pure=True, pack=4)
+    pair = pair.reshape(BN, 4, R // 8, 2).permute(0, 2, 3, 1).reshape(BN, R)
+    half = gl.convert_layout(am, gl.SliceLayout(1, pair.type.layout)).to(DOT).to(gl.int16, bitcast=True)
+    half = half.to(gl.int32) & 0xFFFF
+    scale = gl.expand_dims(half | (half << 16), 1) + gl.zeros_like(pair)
+    a = gl.inline_asm_elementwise(SCALE, "=r,r,r,r,r", [gl.join(pair, pair).reshape(BN, 2 * R),
+                                                         gl.join(scale, scale).reshape(BN, 2 * R)],
+                                  dtype=DOT.value, is_pure=True, pack=2)
+    return gl.convert_layout(a, a_l, assert_trivial=True)
 
 
 @_jit
 def _consume_rs(y_ptr, xs, wb, ready, empty, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
-                M, N, stride_ym, n0, blocks, DECODE: gl.constexpr, NESTED: gl.constexpr, HAS_BIAS: gl.constexpr,
-                STAGES: gl.constexpr, acc_l: gl.constexpr, byte_l: gl.constexpr):
-    """Kind 6's consumer warps, two blocks per step (an even number of blocks and of stages): decode
-    both into registers, issue both MMAs, then wait for the previous step's two, which releases their
-    stages (and the registers they read)."""
+                M, N, stride_ym, n0, blocks, t0, t1, t2, t3, DECODE: gl.constexpr, SCALE: gl.constexpr,
+                NESTED: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, acc_l: gl.constexpr,
+                byte_l: gl.constexpr, am_l: gl.constexpr):
+    """Kind 6's consumer warps, a stage (4 blocks) at a time, two blocks per step: decode both into
+    registers, issue both MMAs, then wait for the previous step's two (their register operands kept
+    live until then); the first step's wait finishes the previous stage, which releases it."""
     BLOCK_M: gl.constexpr = xs.shape[1]
     BN: gl.constexpr = wb.shape[1]
-    R: gl.constexpr = wb.shape[2]
+    BK: gl.constexpr = xs.shape[2]
     DOT: gl.constexpr = xs.dtype
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, a_l))
+    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, am_l))
     rows = rn < N
-    blk = rn * blocks
+    q = gl.arange(0, 4, layout=gl.SliceLayout(0, am_l))
     offset = gl.load(offset_ptr) if NESTED else 0.0
-    stored0, nested0 = _stored_absmax(absmax_ptr, nested_absmax_ptr, blk, rows, NESTED)
-    stored1, nested1 = _stored_absmax(absmax_ptr, nested_absmax_ptr, blk + 1, rows, NESTED)
+    steps = blocks // 4
+    stored, nested = _stage_stored(absmax_ptr, nested_absmax_ptr, rn, rows, q, blocks, 0, NESTED)
     acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=acc_l)
-    a0 = gl.zeros((BN, 2 * R), DOT, layout=a_l)
-    a1 = gl.zeros((BN, 2 * R), DOT, layout=a_l)
-    for k in range(0, blocks, 2):
-        s = k % STAGES
-        kn = gl.minimum(k + 2, blocks - 2)  # the absmax loads a step ahead
-        stored0_n, nested0_n = _stored_absmax(absmax_ptr, nested_absmax_ptr, blk + kn, rows, NESTED)
-        stored1_n, nested1_n = _stored_absmax(absmax_ptr, nested_absmax_ptr, blk + kn + 1, rows, NESTED)
-        mbarrier.wait(ready.index(s), (k // STAGES) & 1)
-        mbarrier.wait(ready.index(s + 1), (k // STAGES) & 1)
-        b0 = _rs_operand(wb.index(s), _absmax(stored0, nested0, nested_code_ptr, offset, NESTED), DECODE, DOT, byte_l,
-                         a_l)
-        b1 = _rs_operand(wb.index(s + 1), _absmax(stored1, nested1, nested_code_ptr, offset, NESTED), DECODE, DOT,
-                         byte_l, a_l)
-        acc = warpgroup_mma(b0, xs.index(s).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma(b1, xs.index(s + 1).permute((1, 0)), acc, is_async=True)
-        acc, a0, a1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, a0, a1))
+    p0 = gl.zeros((BN, BK), DOT, layout=a_l)
+    p1 = gl.zeros((BN, BK), DOT, layout=a_l)
+    for i in range(steps):
+        s = i % STAGES
+        stored_n, nested_n = _stage_stored(absmax_ptr, nested_absmax_ptr, rn, rows, q, blocks,
+                                           gl.minimum(i + 1, steps - 1), NESTED)  # a stage ahead
+        am_e, am_o = gl.split(_stage_absmax(stored, nested, q, nested_code_ptr, offset, NESTED).reshape(BN, 2, 2))
+        am0, am2 = gl.split(am_e)
+        am1, am3 = gl.split(am_o)
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        byte = wb.index(s).load(byte_l).reshape(BN, 4, 32).permute(0, 2, 1).reshape(BN, 32, 2, 2)
+        byte_e, byte_o = gl.split(byte)
+        b0, b2 = gl.split(byte_e)
+        b1, b3 = gl.split(byte_o)
+        c0 = _rs_operand(b0, am0, DECODE, SCALE, DOT, a_l, t0, t1, t2, t3)
+        c1 = _rs_operand(b1, am1, DECODE, SCALE, DOT, a_l, t0, t1, t2, t3)
+        acc = warpgroup_mma(c0, xs.index(4 * s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(c1, xs.index(4 * s + 1).permute((1, 0)), acc, is_async=True)
+        acc, p0, p1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, p0, p1))
         gl.thread_barrier()
-        if k >= 2:
-            mbarrier.arrive(empty.index((k - 2) % STAGES))
-            mbarrier.arrive(empty.index((k - 1) % STAGES))
-        a0, a1 = b0, b1
-        stored0, nested0, stored1, nested1 = stored0_n, nested0_n, stored1_n, nested1_n
+        if i > 0:
+            mbarrier.arrive(empty.index((i - 1) % STAGES))
+        c2 = _rs_operand(b2, am2, DECODE, SCALE, DOT, a_l, t0, t1, t2, t3)
+        c3 = _rs_operand(b3, am3, DECODE, SCALE, DOT, a_l, t0, t1, t2, t3)
+        acc = warpgroup_mma(c2, xs.index(4 * s + 2).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(c3, xs.index(4 * s + 3).permute((1, 0)), acc, is_async=True)
+        acc, c0, c1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, c0, c1))
+        p0, p1 = c2, c3
+        stored, nested = stored_n, nested_n
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS)
 
 
 @_jit
+def _ring(STAGES: gl.constexpr):
+    """The ring's mbarriers: ready[s] (the stage's bytes have landed), empty[s] (the consumers are done
+    with it)."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for q in gl.static_range(STAGES):
+        mbarrier.init(ready.index(q), count=1)
+        mbarrier.init(empty.index(q), count=1)
+    return ready, empty
+
+
+@_jit
 def _fwd_tma_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, M, N, K,
                     stride_ym, DECODE: gl.constexpr, SCALE: gl.constexpr, NESTED: gl.constexpr,
-                    HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, BYTE_L: gl.constexpr):
-    """Program n: rows [n * BLOCK_N, (n + 1) * BLOCK_N) of W against all of X's rows (the TMA box);
-    kind 6 where BYTE_L (rs_byte_layout) is given, else kind 5."""
+                    HAS_BIAS: gl.constexpr, STAGES: gl.constexpr):
+    """Kind 5. Program n: rows [n * BLOCK_N, (n + 1) * BLOCK_N) of W against all of X's rows (the TMA
+    box), one absmax block per stage."""
     BLOCK_M: gl.constexpr = xd.block_type.shape[0]
     BN: gl.constexpr = wd.block_type.shape[0]
     R: gl.constexpr = wd.block_type.shape[1]
@@ -208,61 +290,82 @@ def _fwd_tma_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_pt
                                                      instr_shape=[16, BLOCK_M, 16])
     xs = gl.allocate_shared_memory(xd.dtype, [STAGES, BLOCK_M, 2 * R], xd.layout)
     wb = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, R], wd.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for q in gl.static_range(STAGES):
-        mbarrier.init(ready.index(q), count=1)
-        mbarrier.init(empty.index(q), count=1)
-    if BYTE_L is None:
-        wdec = gl.allocate_shared_memory(xd.dtype, [2, BN, 2 * R], gl.NVMMASharedLayout(4 * R, 16))
-        gl.warp_specialize([(_consume, (y_ptr, xs, wb, wdec, ready, empty, absmax_ptr, nested_absmax_ptr,
-                                        nested_code_ptr, offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, DECODE,
-                                        SCALE, NESTED, HAS_BIAS, STAGES, acc_l)),
-                            (_produce, (xd, wd, xs, wb, ready, empty, n0, blocks, STAGES))], [1], [24])
-    else:
-        gl.warp_specialize([(_consume_rs, (y_ptr, xs, wb, ready, empty, absmax_ptr, nested_absmax_ptr,
-                                           nested_code_ptr, offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, DECODE,
-                                           NESTED, HAS_BIAS, STAGES, acc_l, BYTE_L)),
-                            (_produce, (xd, wd, xs, wb, ready, empty, n0, blocks, STAGES))], [1], [24])
+    ready, empty = _ring(STAGES)
+    wdec = gl.allocate_shared_memory(xd.dtype, [2, BN, 2 * R], gl.NVMMASharedLayout(4 * R, 16))
+    gl.warp_specialize([(_consume, (y_ptr, xs, wb, wdec, ready, empty, absmax_ptr, nested_absmax_ptr,
+                                    nested_code_ptr, offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, DECODE,
+                                    SCALE, NESTED, HAS_BIAS, STAGES, acc_l)),
+                        (_produce, (xd, wd, xs, wb, ready, empty, n0, blocks, STAGES))], [1], [24])
 
 
-def usable(x: torch.Tensor, packed: torch.Tensor, blocksize: int, kind: int = 5) -> bool:
-    """Whether kind 5 (MIN_M to MAX_M rows) or kind 6 (RS_MIN_M to RS_MAX_M rows, an even number of
-    absmax blocks per row) takes the product: Gluon's Hopper API here, 16-bit X with 16-byte aligned
-    rows, blocksize 64 and a 16-byte aligned packed weight (TMA's rules)."""
+@_jit
+def _fwd_rs_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, M, N, K,
+                   stride_ym, t0, t1, t2, t3, DECODE: gl.constexpr, SCALE: gl.constexpr, NESTED: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, BYTE_L: gl.constexpr, AM_L: gl.constexpr):
+    """Kind 6. Program n: rows [n * BLOCK_N, (n + 1) * BLOCK_N) of W against all of X's rows, RS_BLOCKS
+    absmax blocks per stage; t0-t3 the decode table's register words."""
+    BLOCK_M: gl.constexpr = xd.block_type.shape[0]
+    BN: gl.constexpr = wd.block_type.shape[0]
+    RB: gl.constexpr = wd.block_type.shape[1]
+    G: gl.constexpr = RB // (xd.block_type.shape[1] // 2)
+    n0 = gl.program_id(0) * BN
+    blocks = K // xd.block_type.shape[1]
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                     instr_shape=[16, BLOCK_M, 16])
+    xs = gl.allocate_shared_memory(xd.dtype, [STAGES * G, BLOCK_M, xd.block_type.shape[1]], xd.layout)
+    wb = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, RB], wd.layout)
+    ready, empty = _ring(STAGES)
+    gl.warp_specialize([(_consume_rs, (y_ptr, xs, wb, ready, empty, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                                       offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, t0, t1, t2, t3, DECODE,
+                                       SCALE, NESTED, HAS_BIAS, STAGES, acc_l, BYTE_L, AM_L)),
+                        (_produce_rs, (xd, wd, xs, wb, ready, empty, n0, blocks // G, STAGES))], [1], [24])
+
+
+def usable(x: torch.Tensor, packed: torch.Tensor, blocksize: int, kind: int = 5,
+           absmax: torch.Tensor | None = None) -> bool:
+    """Whether kind 5 (MIN_M to MAX_M rows) or kind 6 (RS_MIN_M to RS_MAX_M rows, whole stages of
+    RS_BLOCKS absmax blocks per row, the absmax 4-byte aligned: kind 6 reads a stage's codes as one
+    word) takes the product: Gluon's Hopper API here, 16-bit X with 16-byte aligned rows, blocksize 64
+    and a 16-byte aligned packed weight (TMA's rules)."""
     M, K = x.shape
-    lo, hi, whole = (MIN_M, MAX_M, BLOCKSIZE) if kind == 5 else (RS_MIN_M, RS_MAX_M, 2 * BLOCKSIZE)
+    lo, hi, whole = (MIN_M, MAX_M, BLOCKSIZE) if kind == 5 else (RS_MIN_M, RS_MAX_M, RS_BLOCKS * BLOCKSIZE)
     return (gluon is not None and x.dtype in SCALE_ASM and blocksize == BLOCKSIZE and lo <= M <= hi
             and K % whole == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
-            and packed.data_ptr() % 16 == 0)
+            and packed.data_ptr() % 16 == 0 and (kind == 5 or absmax is None or absmax.data_ptr() % 4 == 0))
 
 
 _LAYOUTS: dict = {}
 
 
-def _layouts(block_m: int, block_n: int, dtype: torch.dtype):
-    """The NVMMA shared layouts of X's and W's TMA boxes (cached: building them is host time)."""
-    key = (block_m, block_n, dtype)
+def _layouts(block_m: int, block_n: int, dtype: torch.dtype, w_bytes: int = BLOCKSIZE // 2):
+    """The NVMMA shared layouts of X's and W's TMA boxes, W's `w_bytes` wide (cached: building them is
+    host time)."""
+    key = (block_m, block_n, dtype, w_bytes)
     if key not in _LAYOUTS:
         dot = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
         _LAYOUTS[key] = (gl.NVMMASharedLayout.get_default_for([block_m, BLOCKSIZE], dot),
-                         gl.NVMMASharedLayout.get_default_for([block_n, BLOCKSIZE // 2], gl.uint8))
+                         gl.NVMMASharedLayout.get_default_for([block_n, w_bytes], gl.uint8))
     return _LAYOUTS[key]
 
 
-_BYTE_LAYOUTS: dict = {}
+_RS_LAYOUTS: dict = {}
 
 
-def rs_byte_layout(warps: int):
-    """Kind 6's layout of a stage's (16 * warps, 32) bytes: lane t % 4 of warp w holds bytes [8(t % 4),
-    8(t % 4) + 8) of rows 16w + t / 4 and 16w + t / 4 + 8, the bytes whose codes its wgmma fragment
-    holds once put in k pair order."""
-    if warps not in _BYTE_LAYOUTS:
-        _BYTE_LAYOUTS[warps] = gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]], lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[[16 << i, 0] for i in range(warps.bit_length() - 1)], block_bases=[],
-            shape=[16 * warps, BLOCKSIZE // 2])
-    return _BYTE_LAYOUTS[warps]
+def rs_layouts(warps: int):
+    """Kind 6's register layouts. Bytes, a stage's (16 warps, 128): lane t % 4 of warp w holds bytes
+    [8(t % 4), 8(t % 4) + 8) of each block of rows 16w + t / 4 and 16w + t / 4 + 8, the bytes whose codes
+    its wgmma fragment holds once put in k pair order. Absmax, (16 warps, 4): the same rows, a stage's 4
+    blocks in registers."""
+    if warps not in _RS_LAYOUTS:
+        wb = [[16 << i, 0] for i in range(warps.bit_length() - 1)]
+        lanes = [[1, 0], [2, 0], [4, 0]]
+        _RS_LAYOUTS[warps] = (
+            gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0], [0, 32], [0, 64]],
+                                       lane_bases=[[0, 8], [0, 16]] + lanes, warp_bases=wb, block_bases=[],
+                                       shape=[16 * warps, RS_BLOCKS * BLOCKSIZE // 2]),
+            gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 0], [0, 0]] + lanes,
+                                       warp_bases=wb, block_bases=[], shape=[16 * warps, RS_BLOCKS]))
+    return _RS_LAYOUTS[warps]
 
 
 def launch_config(M: int) -> tuple[int, int, int, int | None]:
@@ -272,21 +375,26 @@ def launch_config(M: int) -> tuple[int, int, int, int | None]:
 
 
 def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_args: tuple, nested: bool, N: int,
-            bias: torch.Tensor | None, decode: str, y: torch.Tensor, config: tuple, kind: int = 5) -> torch.Tensor:
+            bias: torch.Tensor | None, decode, y: torch.Tensor, config: tuple, kind: int = 5) -> torch.Tensor:
     """y = x @ deq(W)^T (+ bias), as matmul4bit.forward (where `usable`): nested_args its (nested absmax,
-    nested code, offset) or stand-ins, `decode` nibbles.decode_asm's for x's dtype, config (BLOCK_M,
-    num_warps, stages) as launch_config gives (its maxnreg follows BLOCK_M). Kind 6 takes x in
-    matmul4bit._x_order's column order."""
+    nested code, offset) or stand-ins, config (BLOCK_M, num_warps, stages) as launch_config gives (its
+    maxnreg follows BLOCK_M). Kind 5: `decode` nibbles.decode_asm's for x's dtype. Kind 6: x in
+    matmul4bit._x_order's column order, copied by the kernel just launched (launched behind it), and
+    `decode` nibbles.decode_asm(..., regs=True)'s (asm, table words)."""
     M, K = x.shape
     block_m, warps, stages = config
-    if kind == 6 and stages % 2:
-        raise ValueError(f"kind 6 takes two blocks per step: stages must be even, not {stages}")
-    block_n = BLOCK_N if kind == 5 else 16 * warps
-    x_layout, w_layout = _layouts(block_m, block_n, x.dtype)
+    kernel, grid_n = (_fwd_tma_kernel, BLOCK_N) if kind == 5 else (_fwd_rs_kernel, 16 * warps)
+    w_bytes = BLOCKSIZE // 2 if kind == 5 else RS_BLOCKS * BLOCKSIZE // 2
+    x_layout, w_layout = _layouts(block_m, grid_n, x.dtype, w_bytes)
     xd = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_m, BLOCKSIZE], x_layout)
-    wd = TensorDescriptor(packed.view(torch.uint8), [N, K // 2], [K // 2, 1], [block_n, BLOCKSIZE // 2], w_layout)
-    launch(_fwd_tma_kernel, (cdiv(N, block_n),), y, xd, wd, absmax, *nested_args, bias if bias is not None else y, M,
-           N, K, y.stride(0), DECODE=decode, SCALE=SCALE_ASM[x.dtype], NESTED=nested, HAS_BIAS=bias is not None,
-           STAGES=stages, BYTE_L=rs_byte_layout(warps) if kind == 6 else None, num_warps=warps, num_stages=1,
-           maxnreg=launch_config(block_m)[3])
+    wd = TensorDescriptor(packed.view(torch.uint8), [N, K // 2], [K // 2, 1], [grid_n, w_bytes], w_layout)
+    args = (y, xd, wd, absmax, *nested_args, bias if bias is not None else y, M, N, K, y.stride(0))
+    common = dict(NESTED=nested, HAS_BIAS=bias is not None, STAGES=stages, num_warps=warps, num_stages=1,
+                  maxnreg=launch_config(block_m)[3])
+    if kind == 5:
+        launch(kernel, (cdiv(N, grid_n),), *args, DECODE=decode, SCALE=SCALE_ASM[x.dtype], **common)
+    else:
+        byte_l, am_l = rs_layouts(warps)
+        launch(kernel, (cdiv(N, grid_n),), *args, *decode[1], DECODE=decode[0], SCALE=PAIR_SCALE_ASM[x.dtype],
+               BYTE_L=byte_l, AM_L=am_l, launch_pdl=True, **common)
     return y

@@ -205,13 +205,13 @@ def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, LUT kind, SPLIT_K, NBLK) to try at m rows (LUT kind:
     0 registers, 1 L1, 2 byte pairs in shared memory, 3 nibbles from shared memory (matmul4bit._lookup);
     4 decoded in registers as the MMA's operand, Y^T tiles (_fwd_regs_kernel, one tile of up to 256 rows);
-    5 on sm_90 from 65 rows and 6 from 17 to 64, matmul4bit_tma's kernels, by their stages)."""
+    5 on sm_90 from 65 rows and 6 from 2 to 64, matmul4bit_tma's kernels, by their warps and stages)."""
     bm = max(16, min(256, 1 << (m - 1).bit_length()))
     regs = [(bm, bn, w, st, 4, sk, 1) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4) for sk in (1, 2, 4)
             if m <= 256 and not (bn == 64 and w == 8) and not (bm >= 128 and sk == 4)]
     tma = [(bm, mm.matmul4bit_tma.BLOCK_N, 8, st, 5, 1, 1) for st in (3, 4, 5, 6)
            if mm.matmul4bit_tma.MIN_M <= m <= mm.matmul4bit_tma.MAX_M and (bm == 128 or st <= 5)]
-    tma += [(bm, 64, 4, st, 6, 1, 1) for st in (4, 6, 8, 10)
+    tma += [(bm, 16 * w, w, st, 6, 1, 1) for w in (4, 8) for st in (2, 3, 4)
             if mm.matmul4bit_tma.RS_MIN_M <= m <= mm.matmul4bit_tma.RS_MAX_M]
     return tma + regs + _lookup_candidates(m)
 

@@ -47,18 +47,24 @@ def compile_tma(dtype: torch.dtype, nested: bool, block_m: int, warps: int, stag
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    block_n = mt.BLOCK_N if kind == 5 else 16 * warps
-    xl, wl = mt._layouts(block_m, block_n, dtype)
+    block_n, w_bytes = (mt.BLOCK_N, mt.BLOCKSIZE // 2) if kind == 5 else (16 * warps, mt.RS_BLOCKS * mt.BLOCKSIZE // 2)
+    xl, wl = mt._layouts(block_m, block_n, dtype, w_bytes)
     xd = TensorDescriptor.from_tensor(torch.empty(block_m, 5120, dtype=dtype), [block_m, mt.BLOCKSIZE], xl)
-    wd = TensorDescriptor.from_tensor(torch.empty(block_n, 2560, dtype=torch.uint8), [block_n, 32], wl)
+    wd = TensorDescriptor.from_tensor(torch.empty(block_n, 2560, dtype=torch.uint8), [block_n, w_bytes], wl)
     pt = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"y_ptr": pt, "xd": mangle_type(xd), "wd": mangle_type(wd), "absmax_ptr": "*u8" if nested else "*fp32",
            "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": pt,
            "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32"}
-    c = {"DECODE": nibbles.decode_asm_for(code_table("nf4").tolist(), dtype), "SCALE": mt.SCALE_ASM[dtype],
-         "NESTED": nested, "HAS_BIAS": True, "STAGES": stages,
-         "BYTE_L": mt.rs_byte_layout(warps) if kind == 6 else None}
-    return compile_one(mt._fwd_tma_kernel, sig, c, 90, warps, 1, source=GluonASTSource)
+    c = {"NESTED": nested, "HAS_BIAS": True, "STAGES": stages}
+    values = code_table("nf4").tolist()
+    if kind == 5:
+        c.update(DECODE=nibbles.decode_asm_for(values, dtype), SCALE=mt.SCALE_ASM[dtype])
+        return compile_one(mt._fwd_tma_kernel, sig, c, 90, warps, 1, source=GluonASTSource)
+    byte_l, am_l = mt.rs_layouts(warps)
+    c.update(DECODE=nibbles.decode_asm_regs_for(values, dtype)[0], SCALE=mt.PAIR_SCALE_ASM[dtype], BYTE_L=byte_l,
+             AM_L=am_l)
+    sig.update({f"t{i}": "i32" for i in range(4)})
+    return compile_one(mt._fwd_rs_kernel, sig, c, 90, warps, 1, source=GluonASTSource)
 
 
 def main() -> None:

@@ -115,16 +115,17 @@ def _hopper_or_skip():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K", [(17, 200, 256), (32, 13824, 5120), (40, 1000, 512), (64, 4096, 4096), (48, 200, 320),
-                                   (65, 200, 320), (128, 13824, 5120), (200, 1000, 256), (256, 4096, 4096)])
+@pytest.mark.parametrize("M,N,K", [(2, 200, 256), (7, 13824, 5120), (16, 4000, 1024), (17, 200, 256), (32, 13824, 5120),
+                                   (40, 1000, 512), (64, 4096, 4096), (48, 200, 320), (24, 200, 384), (65, 200, 320),
+                                   (128, 13824, 5120), (200, 1000, 256), (256, 4096, 4096)])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_tma_kernel_matches_reference(monkeypatch, M, N, K, double_quant, dtype):
-    """Kinds 6 (17-64 rows: W's bytes decoded in the MMA's register operand, X in k pair order) and 5
+    """Kinds 6 (2-64 rows: W's bytes decoded in the MMA's register operand, X in k pair order) and 5
     (65-256 rows: the decoded tile of W in shared memory) of matmul4bit_tma, TMA-fed and
     warp-specialized, by the default dispatch, with and without bias, on a poisoned output; N not a
-    multiple of the tiles' rows, M not a power of two. Kind 6 needs an even number of absmax blocks
-    per row: at K=320 (5) kind 4 takes the product."""
+    multiple of the tiles' rows, M not a power of two. Kind 6 takes whole stages of 4 absmax blocks
+    per row: at K=320 (5) and 384 (6) kind 4 takes the product."""
     _hopper_or_skip()
     ran, tma_forward = [], mt.forward
     monkeypatch.setattr(mt, "forward", lambda *a, **kw: ran.append(a[10]) or tma_forward(*a, **kw))
@@ -135,11 +136,11 @@ def test_tma_kernel_matches_reference(monkeypatch, M, N, K, double_quant, dtype)
         mm.forward(x, packed, state.absmax, state.code, N, 64, state.nested_tensors, b, out=y)
         assert rel_err(y, x.float() @ W.T + (0 if b is None else b.float())) < BOUND[dtype]
     kind = 6 if M <= mt.RS_MAX_M else 5
-    assert ran == ([] if kind == 6 and K % 128 else [kind] * 2)
+    assert ran == ([] if kind == 6 and K % (mt.RS_BLOCKS * 64) else [kind] * 2)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [40, 96])
+@pytest.mark.parametrize("M", [8, 40, 96])
 def test_tma_kernel_replays_in_a_cuda_graph(M):
     """The TMA descriptors are kernel parameters: a captured call (kind 6 with X's reordering copy, or
     kind 5) replays on new X in the same buffer."""
@@ -152,7 +153,7 @@ def test_tma_kernel_replays_in_a_cuda_graph(M):
 
 
 def test_tma_kernel_declines_what_it_cannot_take():
-    """matmul4bit_tma.usable: 16-bit X, 65-256 rows (kind 5) or 17-64 with an even number of absmax
+    """matmul4bit_tma.usable: 16-bit X, 65-256 rows (kind 5) or 2-64 with a multiple of 4 absmax
     blocks per row (kind 6), blocksize 64, 16-byte aligned rows and bases."""
     packed = torch.zeros(4096 * 128, dtype=torch.uint8, device=DEVICE)
     x = torch.zeros(128, 256, dtype=torch.bfloat16, device=DEVICE)
@@ -164,9 +165,12 @@ def test_tma_kernel_declines_what_it_cannot_take():
     assert not mt.usable(x[:, 1:249], packed, 64)  # base off 16 bytes
     assert not mt.usable(torch.zeros(128, 260, dtype=torch.bfloat16)[:, :256], packed, 64)  # rows 520 bytes apart
     assert not mt.usable(x, packed[1:], 64)
-    assert mt.usable(x[:17], packed, 64, 6) == want and mt.usable(x[:64], packed, 64, 6) == want  # kind 6: 17-64 rows
-    assert not mt.usable(x[:16], packed, 64, 6) and not mt.usable(x[:65], packed, 64, 6)
-    assert not mt.usable(torch.zeros(32, 320, dtype=torch.bfloat16, device=DEVICE), packed, 64, 6)  # 5 blocks a row
+    assert mt.usable(x[:2], packed, 64, 6) == want and mt.usable(x[:64], packed, 64, 6) == want  # kind 6: 2-64 rows
+    assert not mt.usable(x[:1], packed, 64, 6) and not mt.usable(x[:65], packed, 64, 6)
+    for K in (320, 384):  # 5 and 6 blocks a row
+        assert not mt.usable(torch.zeros(32, K, dtype=torch.bfloat16, device=DEVICE), packed, 64, 6)
+    codes = torch.zeros(64, dtype=torch.uint8, device=DEVICE)
+    assert mt.usable(x[:8], packed, 64, 6, codes) == want and not mt.usable(x[:8], packed, 64, 6, codes[1:])
 
 
 @pytest.mark.gpu
@@ -190,9 +194,9 @@ def test_register_decode_falls_back_while_a_cuda_graph_captures():
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [16, 64])
 def test_dependent_launch_matches_a_plain_launch(monkeypatch, M):
-    """On sm_90+ the register-decode matmul (kind 4: from 17 rows where matmul4bit_tma's kind 6 does not
-    run) at up to PDL_MAX_M rows is launched while X's copy runs (programmatic dependent launch): it was
-    launched so, its output equals a plain launch's bit for bit, and a CUDA graph of it replays on new X."""
+    """On sm_90+ the register-decode matmul (kind 4: where matmul4bit_tma's kind 6 does not run) at up to
+    PDL_MAX_M rows is launched while X's copy runs (programmatic dependent launch): it was launched so,
+    its output equals a plain launch's bit for bit, and a CUDA graph of it replays on new X."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
     packed, state, W = _weight(13824, 5120)
