@@ -556,7 +556,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     bm, bn, warps, stages, lut, *rest = config or _config(M, x.dtype, _hopper(x.device))
     asm = None
     if lut in (5, 6):
-        asm = nibbles.decode_asm(code, x.dtype, lut == 6) if x.dtype != torch.float32 else None
+        asm = nibbles.decode_asm(code, x.dtype) if x.dtype != torch.float32 else None
         if asm is not None and _hopper(x.device) and matmul4bit_tma.usable(x, packed, blocksize, lut, absmax):
             return matmul4bit_tma.forward(x if lut == 5 else _x_order(x, blocksize, pdl=True), packed, absmax,
                                           _nested_args(absmax, nested), nested is not None, N, bias, asm, y,

@@ -191,15 +191,13 @@ def _stage_absmax(stored, nested, q, nested_code_ptr, offset, NESTED: gl.constex
 
 
 @_jit
-def _rs_operand(byte, am, DECODE: gl.constexpr, SCALE: gl.constexpr, DOT: gl.constexpr, a_l: gl.constexpr,
-                t0, t1, t2, t3):
+def _rs_operand(byte, am, DECODE: gl.constexpr, SCALE: gl.constexpr, DOT: gl.constexpr, a_l: gl.constexpr):
     """A block's bytes (as loaded: storage order) as the wgmma's register operand: decoded to 32-bit code
-    pairs with the table words t0-t3 in registers, relabelled to k pair order (whole registers), each
-    pair scaled by its row's absmax in one bf16x2/f16x2 multiply that also makes it the operand's word."""
+    pairs, relabelled to k pair order (whole registers), each pair scaled by its row's absmax in one
+    bf16x2/f16x2 multiply that also makes it the operand's word."""
     BN: gl.constexpr = byte.shape[0]
     R: gl.constexpr = byte.shape[1]
-    pair = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r" + ",r" * 16, [byte, t0, t1, t2, t3], dtype=gl.int32,
-                                     is_pure=True, pack=4)
+    pair = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r", [byte], dtype=gl.int32, is_pure=True, pack=4)
     pair = pair.reshape(BN, 4, R // 8, 2).permute(0, 2, 3, 1).reshape(BN, R)
     half = gl.convert_layout(am, gl.SliceLayout(1, pair.type.layout)).to(DOT).to(gl.int16, bitcast=True)
     half = half.to(gl.int32) & 0xFFFF
@@ -212,7 +210,7 @@ def _rs_operand(byte, am, DECODE: gl.constexpr, SCALE: gl.constexpr, DOT: gl.con
 
 @_jit
 def _consume_rs(y_ptr, xs, wb, ready, empty, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
-                M, N, stride_ym, n0, blocks, t0, t1, t2, t3, DECODE: gl.constexpr, SCALE: gl.constexpr,
+                M, N, stride_ym, n0, blocks, DECODE: gl.constexpr, SCALE: gl.constexpr,
                 NESTED: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, acc_l: gl.constexpr,
                 byte_l: gl.constexpr, am_l: gl.constexpr):
     """Kind 6's consumer warps, a stage (4 blocks) at a time, two blocks per step: decode both into
@@ -244,16 +242,16 @@ def _consume_rs(y_ptr, xs, wb, ready, empty, absmax_ptr, nested_absmax_ptr, nest
         byte_e, byte_o = gl.split(byte)
         b0, b2 = gl.split(byte_e)
         b1, b3 = gl.split(byte_o)
-        c0 = _rs_operand(b0, am0, DECODE, SCALE, DOT, a_l, t0, t1, t2, t3)
-        c1 = _rs_operand(b1, am1, DECODE, SCALE, DOT, a_l, t0, t1, t2, t3)
+        c0 = _rs_operand(b0, am0, DECODE, SCALE, DOT, a_l)
+        c1 = _rs_operand(b1, am1, DECODE, SCALE, DOT, a_l)
         acc = warpgroup_mma(c0, xs.index(4 * s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(c1, xs.index(4 * s + 1).permute((1, 0)), acc, is_async=True)
         acc, p0, p1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, p0, p1))
         gl.thread_barrier()
         if i > 0:
             mbarrier.arrive(empty.index((i - 1) % STAGES))
-        c2 = _rs_operand(b2, am2, DECODE, SCALE, DOT, a_l, t0, t1, t2, t3)
-        c3 = _rs_operand(b3, am3, DECODE, SCALE, DOT, a_l, t0, t1, t2, t3)
+        c2 = _rs_operand(b2, am2, DECODE, SCALE, DOT, a_l)
+        c3 = _rs_operand(b3, am3, DECODE, SCALE, DOT, a_l)
         acc = warpgroup_mma(c2, xs.index(4 * s + 2).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(c3, xs.index(4 * s + 3).permute((1, 0)), acc, is_async=True)
         acc, c0, c1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, c0, c1))
@@ -300,10 +298,10 @@ def _fwd_tma_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_pt
 
 @_jit
 def _fwd_rs_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, M, N, K,
-                   stride_ym, t0, t1, t2, t3, DECODE: gl.constexpr, SCALE: gl.constexpr, NESTED: gl.constexpr,
+                   stride_ym, DECODE: gl.constexpr, SCALE: gl.constexpr, NESTED: gl.constexpr,
                    HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, BYTE_L: gl.constexpr, AM_L: gl.constexpr):
     """Kind 6. Program n: rows [n * BLOCK_N, (n + 1) * BLOCK_N) of W against all of X's rows, RS_BLOCKS
-    absmax blocks per stage; t0-t3 the decode table's register words."""
+    absmax blocks per stage."""
     BLOCK_M: gl.constexpr = xd.block_type.shape[0]
     BN: gl.constexpr = wd.block_type.shape[0]
     RB: gl.constexpr = wd.block_type.shape[1]
@@ -316,7 +314,7 @@ def _fwd_rs_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_ptr
     wb = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, RB], wd.layout)
     ready, empty = _ring(STAGES)
     gl.warp_specialize([(_consume_rs, (y_ptr, xs, wb, ready, empty, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
-                                       offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, t0, t1, t2, t3, DECODE,
+                                       offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, DECODE,
                                        SCALE, NESTED, HAS_BIAS, STAGES, acc_l, BYTE_L, AM_L)),
                         (_produce_rs, (xd, wd, xs, wb, ready, empty, n0, blocks // G, STAGES))], [1], [24])
 
@@ -375,12 +373,11 @@ def launch_config(M: int) -> tuple[int, int, int, int | None]:
 
 
 def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_args: tuple, nested: bool, N: int,
-            bias: torch.Tensor | None, decode, y: torch.Tensor, config: tuple, kind: int = 5) -> torch.Tensor:
+            bias: torch.Tensor | None, decode: str, y: torch.Tensor, config: tuple, kind: int = 5) -> torch.Tensor:
     """y = x @ deq(W)^T (+ bias), as matmul4bit.forward (where `usable`): nested_args its (nested absmax,
     nested code, offset) or stand-ins, config (BLOCK_M, num_warps, stages) as launch_config gives (its
-    maxnreg follows BLOCK_M). Kind 5: `decode` nibbles.decode_asm's for x's dtype. Kind 6: x in
-    matmul4bit._x_order's column order, copied by the kernel just launched (launched behind it), and
-    `decode` nibbles.decode_asm(..., regs=True)'s (asm, table words)."""
+    maxnreg follows BLOCK_M), `decode` nibbles.decode_asm's for x's dtype. Kind 6 takes x in
+    matmul4bit._x_order's column order, copied by the kernel just launched (it is launched behind it)."""
     M, K = x.shape
     block_m, warps, stages = config
     kernel, grid_n = (_fwd_tma_kernel, BLOCK_N) if kind == 5 else (_fwd_rs_kernel, 16 * warps)
@@ -395,6 +392,6 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
         launch(kernel, (cdiv(N, grid_n),), *args, DECODE=decode, SCALE=SCALE_ASM[x.dtype], **common)
     else:
         byte_l, am_l = rs_layouts(warps)
-        launch(kernel, (cdiv(N, grid_n),), *args, *decode[1], DECODE=decode[0], SCALE=PAIR_SCALE_ASM[x.dtype],
-               BYTE_L=byte_l, AM_L=am_l, launch_pdl=True, **common)
+        launch(kernel, (cdiv(N, grid_n),), *args, DECODE=decode, SCALE=PAIR_SCALE_ASM[x.dtype], BYTE_L=byte_l,
+               AM_L=am_l, launch_pdl=True, **common)
     return y

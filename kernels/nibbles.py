@@ -57,33 +57,17 @@ def decode_asm_for(values: list[float], dtype: torch.dtype) -> str:
     return _TEMPLATE.format(**{f"L{j}": word(lo, j) for j in range(4)}, **{f"H{j}": word(hi, j) for j in range(4)})
 
 
-def decode_asm_regs_for(values: list[float], dtype: torch.dtype) -> tuple[str, tuple[int, ...]]:
-    """decode_asm_for with the four table words that prmt reads from a register (L0, L2, H0, H2) taken
-    as operands $5, $9, $13, $17 (an asm over 4 packed bytes and those 4 kernel values), and those words
-    as signed int32: ptxas keeps kernel values in registers, where it copies an immediate into one at
-    every use."""
-    bits = torch.tensor(values, dtype=torch.float32).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
-    lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
-    words = [t[4 * j] | t[4 * j + 1] << 8 | t[4 * j + 2] << 16 | t[4 * j + 3] << 24 for t in (lo, hi) for j in range(4)]
-    names = [f"{h}{j}" for h in "LH" for j in range(4)]
-    operands = {"L0": "$5", "L2": "$9", "H0": "$13", "H2": "$17"}
-    asm = _TEMPLATE.format(**{n: operands.get(n, "0x%08X" % w) for n, w in zip(names, words)})
-    regs = tuple(words[names.index(n)] for n in operands)
-    return asm, tuple(w - (1 << 32) if w >= 1 << 31 else w for w in regs)
-
-
-def decode_asm(code: torch.Tensor, dtype: torch.dtype, regs: bool = False):
-    """decode_asm_for (or with regs, decode_asm_regs_for) the table `code` holds, kept on the tensor
-    (reading a table on the GPU syncs once per table and dtype; an in-place change reads it again,
-    except on an inference tensor, which keeps no version); None while a CUDA graph is being captured
-    and the table was not read yet."""
-    key = (dtype, regs, -1 if code.is_inference() else code._version)
+def decode_asm(code: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """decode_asm_for the table `code` holds, kept on the tensor (reading a table on the GPU syncs once
+    per table and dtype; an in-place change reads it again, except on an inference tensor, which keeps
+    no version); None while a CUDA graph is being captured and the table was not read yet."""
+    key = (dtype, -1 if code.is_inference() else code._version)
     cache = getattr(code, "_qtune_decode_asm", None)
     if cache is not None and key in cache:
         return cache[key]
     if code.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    asm = (decode_asm_regs_for if regs else decode_asm_for)(code.tolist(), dtype)
+    asm = decode_asm_for(code.tolist(), dtype)
     code._qtune_decode_asm = {**(cache or {}), key: asm}
     return asm
 

@@ -55,15 +55,13 @@ def compile_tma(dtype: torch.dtype, nested: bool, block_m: int, warps: int, stag
     sig = {"y_ptr": pt, "xd": mangle_type(xd), "wd": mangle_type(wd), "absmax_ptr": "*u8" if nested else "*fp32",
            "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": pt,
            "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32"}
-    c = {"NESTED": nested, "HAS_BIAS": True, "STAGES": stages}
-    values = code_table("nf4").tolist()
+    c = {"DECODE": nibbles.decode_asm_for(code_table("nf4").tolist(), dtype), "NESTED": nested, "HAS_BIAS": True,
+         "STAGES": stages}
     if kind == 5:
-        c.update(DECODE=nibbles.decode_asm_for(values, dtype), SCALE=mt.SCALE_ASM[dtype])
-        return compile_one(mt._fwd_tma_kernel, sig, c, 90, warps, 1, source=GluonASTSource)
+        return compile_one(mt._fwd_tma_kernel, sig, {**c, "SCALE": mt.SCALE_ASM[dtype]}, 90, warps, 1,
+                           source=GluonASTSource)
     byte_l, am_l = mt.rs_layouts(warps)
-    c.update(DECODE=nibbles.decode_asm_regs_for(values, dtype)[0], SCALE=mt.PAIR_SCALE_ASM[dtype], BYTE_L=byte_l,
-             AM_L=am_l)
-    sig.update({f"t{i}": "i32" for i in range(4)})
+    c.update(SCALE=mt.PAIR_SCALE_ASM[dtype], BYTE_L=byte_l, AM_L=am_l)
     return compile_one(mt._fwd_rs_kernel, sig, c, 90, warps, 1, source=GluonASTSource)
 
 

@@ -65,27 +65,11 @@ def test_asm_decodes_every_byte_in_every_position(quant_type, dtype):
         assert got == [(want[b >> 4], want[b & 15]) for b in bytes_], hex(word)
 
 
-@pytest.mark.parametrize("quant_type,dtype", TABLES)
-def test_register_table_asm_is_the_immediate_one_with_its_words_as_operands(quant_type, dtype):
-    """decode_asm_regs_for: the asm with its operands $5, $9, $13, $17 replaced by the words it returns
-    is decode_asm_for's (which the test above runs on every byte)."""
-    values = code_table(quant_type).tolist()
-    asm, words = nibbles.decode_asm_regs_for(values, dtype)
-    assert all(-2**31 <= w < 2**31 for w in words)
-    for operand, word in sorted(zip(("$5", "$9", "$13", "$17"), words), key=lambda p: -len(p[0])):
-        assert operand in asm
-        asm = asm.replace(operand, "0x%08X" % (word & 0xFFFFFFFF))
-    assert asm == nibbles.decode_asm_for(values, dtype)
-
-
 def test_decode_asm_is_kept_on_the_table_and_follows_its_changes():
     code = code_table("nf4").clone()
     first = nibbles.decode_asm(code, torch.bfloat16)
     assert nibbles.decode_asm(code, torch.bfloat16) is first  # read once
     assert nibbles.decode_asm(code, torch.float16) != first
-    regs = nibbles.decode_asm(code, torch.bfloat16, regs=True)
-    assert regs == nibbles.decode_asm_regs_for(code.tolist(), torch.bfloat16) and regs[0] != first
-    assert nibbles.decode_asm(code, torch.bfloat16, regs=True) is regs
     code.mul_(0.5)  # an in-place change bumps the version: read again
     assert nibbles.decode_asm(code, torch.bfloat16) == nibbles.decode_asm_for(code.tolist(), torch.bfloat16) != first
 
