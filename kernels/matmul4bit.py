@@ -10,7 +10,7 @@ one block of W's rows at a time, and a CUDA-core GEMV serves a single row (split
 X held in registers). Each reads a block's packed bytes once and applies the block's absmax (decoded
 from its nested 8-bit code when double-quantized) to the block's partial product or to the codes.
 Needs K % blocksize == 0 and blocksize <= 256; callers fall back to dequantize + cuBLAS otherwise
-and where that is faster. On sm_90, 17 to 256 rows of 16-bit X go to matmul4bit_tma's Gluon kernels
+and where that is faster. On sm_90, 2 to 256 rows of 16-bit X go to matmul4bit_tma's Gluon kernels
 (LUT kinds 6 and 5) where they take them.
 """
 

@@ -82,6 +82,13 @@ def _absmax(stored, nested, nested_code_ptr, offset, NESTED: gl.constexpr):
 
 
 @_jit
+def _pair_word(am, DOT: gl.constexpr):
+    """The absmax rounded to DOT, twice in one 32-bit word: the second operand of SCALE_ASM's multiply."""
+    half = am.to(DOT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    return half | (half << 16)
+
+
+@_jit
 def _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS: gl.constexpr):
     """The (W rows, X rows) tile of Y^T (+ bias) into Y, rounded to Y's dtype."""
     BN: gl.constexpr = acc.shape[0]
@@ -123,8 +130,7 @@ def _consume(y_ptr, xs, wb, wdec, ready, empty, absmax_ptr, nested_absmax_ptr, n
         pair = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r", [wb.index(s).load(byte_l)], dtype=gl.int32,
                                          is_pure=True, pack=4)
         am = _absmax(stored, nested, nested_code_ptr, offset, NESTED)
-        half = am.to(DOT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        pair = gl.inline_asm_elementwise(SCALE, "=r,r,r", [pair, gl.expand_dims(half | (half << 16), 1)],
+        pair = gl.inline_asm_elementwise(SCALE, "=r,r,r", [pair, gl.expand_dims(_pair_word(am, DOT), 1)],
                                          dtype=gl.int32, is_pure=True, pack=1)
         wdec.index(k % 2)._reinterpret(gl.int32, [BN, R], pair_l).store(pair)
         fence_async_shared()
@@ -185,7 +191,7 @@ def _stage_absmax(stored, nested, q, nested_code_ptr, offset, NESTED: gl.constex
     """float32 (rows, 4) absmax of a stage from _stage_stored's pair, as the reference decodes it."""
     if NESTED:
         code = (gl.expand_dims(stored, 1) >> (8 * gl.expand_dims(q, 0))) & 0xFF
-        return gl.load(nested_code_ptr + code) * gl.expand_dims(nested, 1) + offset
+        return _absmax(code, gl.expand_dims(nested, 1), nested_code_ptr, offset, NESTED)
     else:
         return stored
 
@@ -199,9 +205,8 @@ def _rs_operand(byte, am, DECODE: gl.constexpr, SCALE: gl.constexpr, DOT: gl.con
     R: gl.constexpr = byte.shape[1]
     pair = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r", [byte], dtype=gl.int32, is_pure=True, pack=4)
     pair = pair.reshape(BN, 4, R // 8, 2).permute(0, 2, 3, 1).reshape(BN, R)
-    half = gl.convert_layout(am, gl.SliceLayout(1, pair.type.layout)).to(DOT).to(gl.int16, bitcast=True)
-    half = half.to(gl.int32) & 0xFFFF
-    scale = gl.expand_dims(half | (half << 16), 1) + gl.zeros_like(pair)
+    scale = gl.expand_dims(_pair_word(gl.convert_layout(am, gl.SliceLayout(1, pair.type.layout)), DOT), 1)
+    scale = scale + gl.zeros_like(pair)
     a = gl.inline_asm_elementwise(SCALE, "=r,r,r,r,r", [gl.join(pair, pair).reshape(BN, 2 * R),
                                                          gl.join(scale, scale).reshape(BN, 2 * R)],
                                   dtype=DOT.value, is_pure=True, pack=2)
@@ -380,18 +385,18 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
     matmul4bit._x_order's column order, copied by the kernel just launched (it is launched behind it)."""
     M, K = x.shape
     block_m, warps, stages = config
-    kernel, grid_n = (_fwd_tma_kernel, BLOCK_N) if kind == 5 else (_fwd_rs_kernel, 16 * warps)
+    kernel, block_n = (_fwd_tma_kernel, BLOCK_N) if kind == 5 else (_fwd_rs_kernel, 16 * warps)
     w_bytes = BLOCKSIZE // 2 if kind == 5 else RS_BLOCKS * BLOCKSIZE // 2
-    x_layout, w_layout = _layouts(block_m, grid_n, x.dtype, w_bytes)
+    x_layout, w_layout = _layouts(block_m, block_n, x.dtype, w_bytes)
     xd = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_m, BLOCKSIZE], x_layout)
-    wd = TensorDescriptor(packed.view(torch.uint8), [N, K // 2], [K // 2, 1], [grid_n, w_bytes], w_layout)
+    wd = TensorDescriptor(packed.view(torch.uint8), [N, K // 2], [K // 2, 1], [block_n, w_bytes], w_layout)
     args = (y, xd, wd, absmax, *nested_args, bias if bias is not None else y, M, N, K, y.stride(0))
     common = dict(NESTED=nested, HAS_BIAS=bias is not None, STAGES=stages, num_warps=warps, num_stages=1,
                   maxnreg=launch_config(block_m)[3])
     if kind == 5:
-        launch(kernel, (cdiv(N, grid_n),), *args, DECODE=decode, SCALE=SCALE_ASM[x.dtype], **common)
+        launch(kernel, (cdiv(N, block_n),), *args, DECODE=decode, SCALE=SCALE_ASM[x.dtype], **common)
     else:
         byte_l, am_l = rs_layouts(warps)
-        launch(kernel, (cdiv(N, grid_n),), *args, DECODE=decode, SCALE=PAIR_SCALE_ASM[x.dtype], BYTE_L=byte_l,
+        launch(kernel, (cdiv(N, block_n),), *args, DECODE=decode, SCALE=PAIR_SCALE_ASM[x.dtype], BYTE_L=byte_l,
                AM_L=am_l, launch_pdl=True, **common)
     return y
