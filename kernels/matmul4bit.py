@@ -560,7 +560,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
         if asm is not None and _hopper(x.device) and matmul4bit_tma.usable(x, packed, blocksize, lut, absmax):
             return matmul4bit_tma.forward(x if lut == 5 else _x_order(x, blocksize, pdl=True), packed, absmax,
                                           _nested_args(absmax, nested), nested is not None, N, bias, asm, y,
-                                          (bm, warps, stages), lut)
+                                          (bm, warps, stages), lut, code)
         bm, bn, warps, stages, lut, *rest = _config(M, x.dtype)
     if lut == 4:
         if x.dtype == torch.float32:

@@ -1,12 +1,14 @@
 """Hopper's fused dequantize-matmul for 2 to 256 rows of X, in Gluon (Triton's explicit-layout
 language): Y^T = deq(W) X^T. A producer warp streams W's packed bytes and X's matching columns by TMA
-into a ring of stages; the other warps decode the bytes (nibbles.decode's asm), fold in the absmax and
-run the MMA as an asynchronous wgmma while they decode the next block. From 65 rows (kind 5) each stage
-is one absmax block, and the decoded tile of W goes to shared memory for the MMA; X keeps its own column
-order: the decode writes each byte's two codes as the pair of columns they pack. Up to 64 rows (kind 6)
-each stage is four blocks (128 bytes of each row of W: whole 128-byte lines), loaded into the MMA's
-register operand and decoded there, and X comes in matmul4bit._x_order's column order (the k pairs a
-thread holds are contiguous bytes), its copy overlapped by a dependent launch. Imports torch and triton.
+into a ring of stages; the other warps decode the bytes, fold in the absmax and run the MMA as an
+asynchronous wgmma while they decode the next block. From 65 rows (kind 5) each stage is one absmax
+block, the bytes decoded by nibbles.decode's byte permutes, and the decoded tile of W goes to shared
+memory for the MMA; X keeps its own column order: the decode writes each byte's two codes as the pair
+of columns they pack. Up to 64 rows (kind 6) each stage is four blocks (128 bytes of each row of W:
+whole 128-byte lines), loaded into the MMA's register operand and decoded there (through a byte ->
+codes table in shared memory on Triton 3.6, else by the byte permutes), and X comes in
+matmul4bit._x_order's column order (the k pairs a thread holds are contiguous bytes), its copy
+overlapped by a dependent launch. Imports torch and triton.
 
 Needs sm_90 (TMA, wgmma), 16-bit X and blocksize 64; `usable` says where it runs, and
 matmul4bit.forward falls back to its register-decode kernel elsewhere. Triton's interpreter does not
@@ -16,6 +18,8 @@ run Gluon, so the kernels are tested on the GPU only (tests/kernels/test_matmul4
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from .launch import cdiv, launch
 
@@ -36,17 +40,40 @@ BLOCK_N = 128  # rows of W per program: two warpgroups of 64
 # this kernel was slower (55-64 us against 34.6-46.0 at its best split-K), and split-K 2 at M=128 took 76.9.
 CONFIGS = ((128, 8, 6, None), (256, 8, 5, None))
 MIN_M, MAX_M = 65, 256
-# Kind 6's, with 16 * num_warps rows of W per program and RS_BLOCKS absmax blocks per stage. Same measure,
-# with X's copy (one H100, 13824x5120): M=16 31.0 us (kernel alone 29.1-29.2) against 34.1-34.6 for kind 4,
-# M=32 32.5 (30.5) against 37.1 for two blocks per stage of 32-byte row pieces, M=64 36.6 (34.0) against
-# 40.5. The stream alone (no decode, no MMA) took 22.2-27.4 us with 32-byte row pieces per stage, 18.9-23.2
-# with whole 128-byte lines (docs/benchmarks.md, fourteenth session).
-RS_CONFIGS = ((16, 4, 3, 128), (32, 4, 3, 128), (64, 8, 4, None))
+# Kind 6's, with 16 * num_warps rows of W per program and RS_BLOCKS absmax blocks per stage. Same measure
+# (one H100, 13824x5120), the table decode, kernel alone: M=16 25.2 us with 5 stages (25.6-26.7 with 3, 26.3-27.1
+# with 8 warps), M=32 26.2-26.6 (8 warps 26.8-28.8, 5 stages 32.8-33.1), M=64 31.5 (3 stages 31.7-31.9, 4
+# warps 38.0); byte permutes 29.7-29.8, 32.4-34.1 and 36.9-37.4 (docs/benchmarks.md, fifteenth session).
+RS_CONFIGS = ((16, 4, 5, 128), (32, 4, 3, 128), (64, 8, 4, None))
 RS_MIN_M, RS_MAX_M = 2, 64
 RS_BLOCKS = 4
 SCALE_ASM = {torch.bfloat16: "mul.rn.bf16x2 $0, $1, $2;", torch.float16: "mul.rn.f16x2 $0, $1, $2;"}
 # Kind 6's: two 16-bit outputs packed in $0 from two 32-bit inputs each ($1 = $2, $3 = $4)
 PAIR_SCALE_ASM = {dtype: asm.replace("$2", "$3") for dtype, asm in SCALE_ASM.items()}
+# Kind 6 decodes through a table in shared memory: one 32-bit word per byte value (its two codes, as
+# nibbles.decode's asm gives them) in each of the 32 banks, so a warp's 32 lookups are one access without
+# bank conflicts. 4 integer instructions, 4 multiply-adds and 4 loads decode 8 codes, against 21 integer
+# instructions for nibbles' byte permutes, which bounded kind 6. The table's address is its offset in
+# Triton's shared memory (_lut_offset), known for Triton 3.6's allocator only; elsewhere the permutes.
+RS_LUT = triton.__version__.startswith("3.6.")
+LUT_BYTES = 256 * 32 * 4
+LUT_ASM = tl.constexpr("""{ .reg .b32 a, b, c, d;
+and.b32 a, $4, 0xFF;
+prmt.b32 b, $4, 0, 0x4441;
+prmt.b32 c, $4, 0, 0x4442;
+shr.u32 d, $4, 24;
+mad.lo.u32 a, a, 128, $5;
+mad.lo.u32 b, b, 128, $5;
+mad.lo.u32 c, c, 128, $5;
+mad.lo.u32 d, d, 128, $5;
+ld.shared.b32 $0, [a];
+ld.shared.b32 $1, [b];
+ld.shared.b32 $2, [c];
+ld.shared.b32 $3, [d];
+}""")  # $0-$3: the words of the 4 bytes in $4, from the thread's column of the table at $5
+SMEM_ASM = tl.constexpr("mov.b32 $0, global_smem; // $1")  # Triton's shared memory (its extern array)
+LANE_ASM = tl.constexpr("mov.u32 $0, %laneid; // $1")
+LOAD_ASM = tl.constexpr("ld.shared.b32 $0, [$1];")
 
 
 def _jit(fn):
@@ -197,13 +224,46 @@ def _stage_absmax(stored, nested, q, nested_code_ptr, offset, NESTED: gl.constex
 
 
 @_jit
-def _rs_operand(byte, am, DECODE: gl.constexpr, SCALE: gl.constexpr, DOT: gl.constexpr, a_l: gl.constexpr):
+def _smem(like, offset: gl.constexpr, LANE: gl.constexpr):
+    """Triton's shared memory address + offset (+ 4 lane id: the thread's bank) in the layout of `like`."""
+    base = gl.inline_asm_elementwise(SMEM_ASM, "=r,r", [like], dtype=gl.int32, is_pure=True, pack=1) + offset
+    if LANE:
+        base += 4 * gl.inline_asm_elementwise(LANE_ASM, "=r,r", [like], dtype=gl.int32, is_pure=True, pack=1)
+    return base
+
+
+@_jit
+def _fill_lut(lut, code_ptr, LUT_OFF: gl.constexpr, DOT: gl.constexpr):
+    """The decode table (rows: byte values; each row one word in each bank) from the 16 codes, read back
+    through the address the decode uses: 1 where any word differs (the table is elsewhere), else 0."""
+    lut_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [gl.num_warps(), 1], [1, 0])
+    v = gl.expand_dims(gl.arange(0, 256, layout=gl.SliceLayout(1, lut_l)), 1)
+    col = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, lut_l)), 0)
+    hi = gl.load(code_ptr + (v >> 4)).to(DOT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    lo = gl.load(code_ptr + (v & 15)).to(DOT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    words = (hi | (lo << 16)) + gl.zeros_like(col)  # the high nibble's code in the low half, as nibbles'
+    lut.store(words)
+    gl.thread_barrier()
+    addr = _smem(words, LUT_OFF, LANE=False) + v * 128 + col * 4
+    back = gl.inline_asm_elementwise(LOAD_ASM, "=r,r", [addr], dtype=gl.int32, is_pure=False, pack=1)
+    return gl.max(gl.max((back != words).to(gl.int32), axis=1), axis=0)
+
+
+@_jit
+def _rs_operand(byte, am, DECODE: gl.constexpr, SCALE: gl.constexpr, DOT: gl.constexpr, a_l: gl.constexpr,
+                LUT_OFF: gl.constexpr):
     """A block's bytes (as loaded: storage order) as the wgmma's register operand: decoded to 32-bit code
-    pairs, relabelled to k pair order (whole registers), each pair scaled by its row's absmax in one
-    bf16x2/f16x2 multiply that also makes it the operand's word."""
+    pairs (by the table at LUT_OFF, or nibbles' permutes where it is -1), relabelled to k pair order
+    (whole registers), each pair scaled by its row's absmax in one bf16x2/f16x2 multiply that also makes it
+    the operand's word."""
     BN: gl.constexpr = byte.shape[0]
     R: gl.constexpr = byte.shape[1]
-    pair = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r", [byte], dtype=gl.int32, is_pure=True, pack=4)
+    if LUT_OFF >= 0:
+        column = _smem(gl.zeros_like(byte).to(gl.int32), LUT_OFF, LANE=True)
+        pair = gl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,r,r,r,r,r", [byte, column], dtype=gl.int32,
+                                         is_pure=True, pack=4)
+    else:
+        pair = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r", [byte], dtype=gl.int32, is_pure=True, pack=4)
     pair = pair.reshape(BN, 4, R // 8, 2).permute(0, 2, 3, 1).reshape(BN, R)
     scale = gl.expand_dims(_pair_word(gl.convert_layout(am, gl.SliceLayout(1, pair.type.layout)), DOT), 1)
     scale = scale + gl.zeros_like(pair)
@@ -214,10 +274,10 @@ def _rs_operand(byte, am, DECODE: gl.constexpr, SCALE: gl.constexpr, DOT: gl.con
 
 
 @_jit
-def _consume_rs(y_ptr, xs, wb, ready, empty, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
-                M, N, stride_ym, n0, blocks, DECODE: gl.constexpr, SCALE: gl.constexpr,
+def _consume_rs(y_ptr, xs, wb, lut, code_ptr, ready, empty, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, DECODE: gl.constexpr, SCALE: gl.constexpr,
                 NESTED: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, acc_l: gl.constexpr,
-                byte_l: gl.constexpr, am_l: gl.constexpr):
+                byte_l: gl.constexpr, am_l: gl.constexpr, LUT_OFF: gl.constexpr):
     """Kind 6's consumer warps, a stage (4 blocks) at a time, two blocks per step: decode both into
     registers, issue both MMAs, then wait for the previous step's two (their register operands kept
     live until then); the first step's wait finishes the previous stage, which releases it."""
@@ -231,6 +291,7 @@ def _consume_rs(y_ptr, xs, wb, ready, empty, absmax_ptr, nested_absmax_ptr, nest
     q = gl.arange(0, 4, layout=gl.SliceLayout(0, am_l))
     offset = gl.load(offset_ptr) if NESTED else 0.0
     steps = blocks // 4
+    misplaced = _fill_lut(lut, code_ptr, LUT_OFF, DOT) if LUT_OFF >= 0 else 0
     stored, nested = _stage_stored(absmax_ptr, nested_absmax_ptr, rn, rows, q, blocks, 0, NESTED)
     acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=acc_l)
     p0 = gl.zeros((BN, BK), DOT, layout=a_l)
@@ -247,22 +308,24 @@ def _consume_rs(y_ptr, xs, wb, ready, empty, absmax_ptr, nested_absmax_ptr, nest
         byte_e, byte_o = gl.split(byte)
         b0, b2 = gl.split(byte_e)
         b1, b3 = gl.split(byte_o)
-        c0 = _rs_operand(b0, am0, DECODE, SCALE, DOT, a_l)
-        c1 = _rs_operand(b1, am1, DECODE, SCALE, DOT, a_l)
+        c0 = _rs_operand(b0, am0, DECODE, SCALE, DOT, a_l, LUT_OFF)
+        c1 = _rs_operand(b1, am1, DECODE, SCALE, DOT, a_l, LUT_OFF)
         acc = warpgroup_mma(c0, xs.index(4 * s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(c1, xs.index(4 * s + 1).permute((1, 0)), acc, is_async=True)
         acc, p0, p1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, p0, p1))
         gl.thread_barrier()
         if i > 0:
             mbarrier.arrive(empty.index((i - 1) % STAGES))
-        c2 = _rs_operand(b2, am2, DECODE, SCALE, DOT, a_l)
-        c3 = _rs_operand(b3, am3, DECODE, SCALE, DOT, a_l)
+        c2 = _rs_operand(b2, am2, DECODE, SCALE, DOT, a_l, LUT_OFF)
+        c3 = _rs_operand(b3, am3, DECODE, SCALE, DOT, a_l, LUT_OFF)
         acc = warpgroup_mma(c2, xs.index(4 * s + 2).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(c3, xs.index(4 * s + 3).permute((1, 0)), acc, is_async=True)
         acc, c0, c1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, c0, c1))
         p0, p1 = c2, c3
         stored, nested = stored_n, nested_n
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if misplaced:  # never with Triton 3.6: NaN, not a silently wrong product
+        acc = gl.full_like(acc, float("nan"))
     _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS)
 
 
@@ -302,9 +365,10 @@ def _fwd_tma_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_pt
 
 
 @_jit
-def _fwd_rs_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, M, N, K,
-                   stride_ym, DECODE: gl.constexpr, SCALE: gl.constexpr, NESTED: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, BYTE_L: gl.constexpr, AM_L: gl.constexpr):
+def _fwd_rs_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, code_ptr, M, N,
+                   K, stride_ym, DECODE: gl.constexpr, SCALE: gl.constexpr, NESTED: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, BYTE_L: gl.constexpr, AM_L: gl.constexpr,
+                   LUT_OFF: gl.constexpr):
     """Kind 6. Program n: rows [n * BLOCK_N, (n + 1) * BLOCK_N) of W against all of X's rows, RS_BLOCKS
     absmax blocks per stage."""
     BLOCK_M: gl.constexpr = xd.block_type.shape[0]
@@ -316,11 +380,13 @@ def _fwd_rs_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_ptr
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                      instr_shape=[16, BLOCK_M, 16])
     xs = gl.allocate_shared_memory(xd.dtype, [STAGES * G, BLOCK_M, xd.block_type.shape[1]], xd.layout)
+    lut = gl.allocate_shared_memory(gl.int32, [256 if LUT_OFF >= 0 else 1, 32],
+                                    gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     wb = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, RB], wd.layout)
     ready, empty = _ring(STAGES)
-    gl.warp_specialize([(_consume_rs, (y_ptr, xs, wb, ready, empty, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
-                                       offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, DECODE,
-                                       SCALE, NESTED, HAS_BIAS, STAGES, acc_l, BYTE_L, AM_L)),
+    gl.warp_specialize([(_consume_rs, (y_ptr, xs, wb, lut, code_ptr, ready, empty, absmax_ptr, nested_absmax_ptr,
+                                       nested_code_ptr, offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, DECODE,
+                                       SCALE, NESTED, HAS_BIAS, STAGES, acc_l, BYTE_L, AM_L, LUT_OFF)),
                         (_produce_rs, (xd, wd, xs, wb, ready, empty, n0, blocks // G, STAGES))], [1], [24])
 
 
@@ -371,6 +437,13 @@ def rs_layouts(warps: int):
     return _RS_LAYOUTS[warps]
 
 
+def _lut_offset(*sizes: int) -> int | None:
+    """Kind 6's table's offset in its shared memory, beside ring buffers of `sizes` bytes: Triton 3.6
+    places buffers live for the whole kernel largest first, one after another, so the table follows
+    those larger than it. None where one is as large (equals come in no set order)."""
+    return None if LUT_BYTES in sizes else sum(s for s in sizes if s > LUT_BYTES)
+
+
 def launch_config(M: int) -> tuple[int, int, int, int | None]:
     """(BLOCK_M, num_warps, stages, maxnreg) for M rows of X: RS_CONFIGS up to RS_MAX_M (kind 6), CONFIGS
     above (kind 5)."""
@@ -378,11 +451,13 @@ def launch_config(M: int) -> tuple[int, int, int, int | None]:
 
 
 def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_args: tuple, nested: bool, N: int,
-            bias: torch.Tensor | None, decode: str, y: torch.Tensor, config: tuple, kind: int = 5) -> torch.Tensor:
+            bias: torch.Tensor | None, decode: str, y: torch.Tensor, config: tuple, kind: int = 5,
+            code: torch.Tensor | None = None, lut: bool | None = None) -> torch.Tensor:
     """y = x @ deq(W)^T (+ bias), as matmul4bit.forward (where `usable`): nested_args its (nested absmax,
     nested code, offset) or stand-ins, config (BLOCK_M, num_warps, stages) as launch_config gives (its
     maxnreg follows BLOCK_M), `decode` nibbles.decode_asm's for x's dtype. Kind 6 takes x in
-    matmul4bit._x_order's column order, copied by the kernel just launched (it is launched behind it)."""
+    matmul4bit._x_order's column order, copied by the kernel just launched (it is launched behind it),
+    and decodes through its table of `code` (lut None: where RS_LUT) or by `decode`."""
     M, K = x.shape
     block_m, warps, stages = config
     kernel, block_n = (_fwd_tma_kernel, BLOCK_N) if kind == 5 else (_fwd_rs_kernel, 16 * warps)
@@ -397,6 +472,9 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
         launch(kernel, (cdiv(N, block_n),), *args, DECODE=decode, SCALE=SCALE_ASM[x.dtype], **common)
     else:
         byte_l, am_l = rs_layouts(warps)
+        sizes = (block_m * BLOCKSIZE * x.element_size() * stages * RS_BLOCKS, block_n * w_bytes * stages)
+        off = _lut_offset(*sizes) if (RS_LUT if lut is None else lut) else None
+        args = args[:8] + (code if off is not None else y,) + args[8:]
         launch(kernel, (cdiv(N, block_n),), *args, DECODE=decode, SCALE=PAIR_SCALE_ASM[x.dtype], BYTE_L=byte_l,
-               AM_L=am_l, launch_pdl=True, **common)
+               AM_L=am_l, LUT_OFF=-1 if off is None else off, launch_pdl=True, **common)
     return y

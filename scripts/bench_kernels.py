@@ -211,7 +211,7 @@ def _candidates(m: int) -> list[tuple[int, int, int, int, int, int, int]]:
             if m <= 256 and not (bn == 64 and w == 8) and not (bm >= 128 and sk == 4)]
     tma = [(bm, mm.matmul4bit_tma.BLOCK_N, 8, st, 5, 1, 1) for st in (3, 4, 5, 6)
            if mm.matmul4bit_tma.MIN_M <= m <= mm.matmul4bit_tma.MAX_M and (bm == 128 or st <= 5)]
-    tma += [(bm, 16 * w, w, st, 6, 1, 1) for w in (4, 8) for st in (2, 3, 4)
+    tma += [(bm, 16 * w, w, st, 6, 1, 1) for w in (4, 8) for st in (2, 3, 4, 5)
             if mm.matmul4bit_tma.RS_MIN_M <= m <= mm.matmul4bit_tma.RS_MAX_M]
     return tma + regs + _lookup_candidates(m)
 
