@@ -388,6 +388,7 @@ def _fwd_rs_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_ptr
                                        nested_code_ptr, offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, DECODE,
                                        SCALE, NESTED, HAS_BIAS, STAGES, acc_l, BYTE_L, AM_L, LUT_OFF)),
                         (_produce_rs, (xd, wd, xs, wb, ready, empty, n0, blocks // G, STAGES))], [1], [24])
+    lut._keep_alive()  # the decode's loads are asm, which Triton's liveness does not see: the table lives to here
 
 
 def usable(x: torch.Tensor, packed: torch.Tensor, blocksize: int, kind: int = 5,
