@@ -1,14 +1,13 @@
 """Hopper's fused dequantize-matmul for 2 to 256 rows of X, in Gluon (Triton's explicit-layout
 language): Y^T = deq(W) X^T. A producer warp streams W's packed bytes and X's matching columns by TMA
-into a ring of stages; the other warps decode the bytes, fold in the absmax and run the MMA as an
+into a ring of stages; the other warps decode the bytes (through a byte -> codes table in shared
+memory on Triton 3.6, else by nibbles.decode's byte permutes), fold in the absmax and run the MMA as an
 asynchronous wgmma while they decode the next block. From 65 rows (kind 5) each stage is one absmax
-block, the bytes decoded by nibbles.decode's byte permutes, and the decoded tile of W goes to shared
-memory for the MMA; X keeps its own column order: the decode writes each byte's two codes as the pair
-of columns they pack. Up to 64 rows (kind 6) each stage is four blocks (128 bytes of each row of W:
-whole 128-byte lines), loaded into the MMA's register operand and decoded there (through a byte ->
-codes table in shared memory on Triton 3.6, else by the byte permutes), and X comes in
-matmul4bit._x_order's column order (the k pairs a thread holds are contiguous bytes), its copy
-overlapped by a dependent launch. Imports torch and triton.
+block, and the decoded tile of W goes to shared memory for the MMA; X keeps its own column order: the
+decode writes each byte's two codes as the pair of columns they pack. Up to 64 rows (kind 6) each stage
+is four blocks (128 bytes of each row of W: whole 128-byte lines), loaded into the MMA's register
+operand and decoded there, and X comes in matmul4bit._x_order's column order (the k pairs a thread
+holds are contiguous bytes), its copy overlapped by a dependent launch. Imports torch and triton.
 
 Needs sm_90 (TMA, wgmma), 16-bit X and blocksize 64; `usable` says where it runs, and
 matmul4bit.forward falls back to its register-decode kernel elsewhere. Triton's interpreter does not
@@ -38,7 +37,9 @@ BLOCK_N = 128  # rows of W per program: two warpgroups of 64
 # register-decode kernel (+ X's column order) in the same process: M=128 57.8-58.0 us with 6 stages
 # (58.7-58.8 with 5) against 73.4-76.0; M=256 73.7-74.1 with 4 or 5 stages against 91.5-91.8. At M=16-64
 # this kernel was slower (55-64 us against 34.6-46.0 at its best split-K), and split-K 2 at M=128 took 76.9.
-CONFIGS = ((128, 8, 6, None), (256, 8, 5, None))
+# With the decode table: M=128 53.5-54.5 (permutes 57.5-58.3), M=256 70.4-71.5 with 4 stages (the most
+# that fit beside the table; permutes 70.8-74.8 with 4 or 5).
+CONFIGS = ((128, 8, 6, None), (256, 8, 4, None))
 MIN_M, MAX_M = 65, 256
 # Kind 6's, with 16 * num_warps rows of W per program and RS_BLOCKS absmax blocks per stage. Same measure
 # (one H100, 13824x5120), the table decode, kernel alone: M=16 25.2 us with 5 stages (25.6-26.7 with 3, 26.3-27.1
@@ -50,13 +51,14 @@ RS_BLOCKS = 4
 SCALE_ASM = {torch.bfloat16: "mul.rn.bf16x2 $0, $1, $2;", torch.float16: "mul.rn.f16x2 $0, $1, $2;"}
 # Kind 6's: two 16-bit outputs packed in $0 from two 32-bit inputs each ($1 = $2, $3 = $4)
 PAIR_SCALE_ASM = {dtype: asm.replace("$2", "$3") for dtype, asm in SCALE_ASM.items()}
-# Kind 6 decodes through a table in shared memory: one 32-bit word per byte value (its two codes, as
+# Kinds 5 and 6 decode through a table in shared memory: one 32-bit word per byte value (its two codes, as
 # nibbles.decode's asm gives them) in each of the 32 banks, so a warp's 32 lookups are one access without
 # bank conflicts. 4 integer instructions, 4 multiply-adds and 4 loads decode 8 codes, against 21 integer
 # instructions for nibbles' byte permutes, which bounded kind 6. The table's address is its offset in
 # Triton's shared memory (_lut_offset), known for Triton 3.6's allocator only; elsewhere the permutes.
-RS_LUT = triton.__version__.startswith("3.6.")
+LUT_DECODE = triton.__version__.startswith("3.6.")
 LUT_BYTES = 256 * 32 * 4
+SMEM_BYTES = 227 * 1024 - 1024  # sm_90's shared memory per block, less room for the barriers and scratch
 LUT_ASM = tl.constexpr("""{ .reg .b32 a, b, c, d;
 and.b32 a, $4, 0xFF;
 prmt.b32 b, $4, 0, 0x4441;
@@ -130,9 +132,10 @@ def _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS: gl.constexpr)
 
 
 @_jit
-def _consume(y_ptr, xs, wb, wdec, ready, empty, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr,
-             M, N, stride_ym, n0, blocks, DECODE: gl.constexpr, SCALE: gl.constexpr, NESTED: gl.constexpr,
-             HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, acc_l: gl.constexpr):
+def _consume(y_ptr, xs, wb, wdec, code_ptr, ready, empty, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+             offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, DECODE: gl.constexpr, SCALE: gl.constexpr,
+             NESTED: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, acc_l: gl.constexpr,
+             LUT_OFF: gl.constexpr):
     """The consumer warps: per block, decode and scale W's tile into wdec (two buffers: a warpgroup
     rewrites one once its own MMA two blocks back is done), then the MMA, one left in flight. Each
     warp decodes the 16 rows its own MMA reads; the barrier after the stores also tells that every
@@ -148,14 +151,18 @@ def _consume(y_ptr, xs, wb, wdec, ready, empty, absmax_ptr, nested_absmax_ptr, n
     blk = rn * blocks
     offset = gl.load(offset_ptr) if NESTED else 0.0
     stored, nested = _stored_absmax(absmax_ptr, nested_absmax_ptr, blk, rows, NESTED)
+    misplaced = 0
+    if LUT_OFF >= 0:  # the table: wdec's tiles 2 and 3, 128 rows each
+        half_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        misplaced = _fill_lut(wdec.index(2)._reinterpret(gl.int32, [128, 32], half_l), code_ptr, LUT_OFF, DOT)
+        misplaced |= _fill_lut(wdec.index(3)._reinterpret(gl.int32, [128, 32], half_l), code_ptr, LUT_OFF, DOT, 128)
     acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=acc_l)
     for k in range(blocks):
         s = k % STAGES
         kn = gl.minimum(k + 1, blocks - 1)  # the absmax loads a block ahead
         stored_n, nested_n = _stored_absmax(absmax_ptr, nested_absmax_ptr, blk + kn, rows, NESTED)
         mbarrier.wait(ready.index(s), (k // STAGES) & 1)
-        pair = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r", [wb.index(s).load(byte_l)], dtype=gl.int32,
-                                         is_pure=True, pack=4)
+        pair = _decode_pairs(wb.index(s).load(byte_l), DECODE, LUT_OFF)
         am = _absmax(stored, nested, nested_code_ptr, offset, NESTED)
         pair = gl.inline_asm_elementwise(SCALE, "=r,r,r", [pair, gl.expand_dims(_pair_word(am, DOT), 1)],
                                          dtype=gl.int32, is_pure=True, pack=1)
@@ -169,6 +176,8 @@ def _consume(y_ptr, xs, wb, wdec, ready, empty, absmax_ptr, nested_absmax_ptr, n
         stored = stored_n
         nested = nested_n
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if misplaced:  # never with Triton 3.6: NaN, not a silently wrong product
+        acc = gl.full_like(acc, float("nan"))
     _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS)
 
 
@@ -233,11 +242,13 @@ def _smem(like, offset: gl.constexpr, LANE: gl.constexpr):
 
 
 @_jit
-def _fill_lut(lut, code_ptr, LUT_OFF: gl.constexpr, DOT: gl.constexpr):
-    """The decode table (rows: byte values; each row one word in each bank) from the 16 codes, read back
-    through the address the decode uses: 1 where any word differs (the table is elsewhere), else 0."""
+def _fill_lut(lut, code_ptr, LUT_OFF: gl.constexpr, DOT: gl.constexpr, ROW0: gl.constexpr = 0):
+    """Rows ROW0 to ROW0 + rows of `lut` of the decode table (rows: byte values; each row one word in each
+    bank) from the 16 codes, read back through the address the decode uses: 1 where any word differs
+    (the table is elsewhere), else 0."""
+    ROWS: gl.constexpr = lut.shape[0]
     lut_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [gl.num_warps(), 1], [1, 0])
-    v = gl.expand_dims(gl.arange(0, 256, layout=gl.SliceLayout(1, lut_l)), 1)
+    v = gl.expand_dims(ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, lut_l)), 1)
     col = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, lut_l)), 0)
     hi = gl.load(code_ptr + (v >> 4)).to(DOT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
     lo = gl.load(code_ptr + (v & 15)).to(DOT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
@@ -250,6 +261,17 @@ def _fill_lut(lut, code_ptr, LUT_OFF: gl.constexpr, DOT: gl.constexpr):
 
 
 @_jit
+def _decode_pairs(byte, DECODE: gl.constexpr, LUT_OFF: gl.constexpr):
+    """Each byte's two codes as one 32-bit word (the high nibble's in the low half): through the table at
+    LUT_OFF, or by nibbles' byte permutes (DECODE) where it is -1."""
+    if LUT_OFF >= 0:
+        column = _smem(gl.zeros_like(byte).to(gl.int32), LUT_OFF, LANE=True)
+        return gl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,r,r,r,r,r", [byte, column], dtype=gl.int32,
+                                         is_pure=True, pack=4)
+    return gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r", [byte], dtype=gl.int32, is_pure=True, pack=4)
+
+
+@_jit
 def _rs_operand(byte, am, DECODE: gl.constexpr, SCALE: gl.constexpr, DOT: gl.constexpr, a_l: gl.constexpr,
                 LUT_OFF: gl.constexpr):
     """A block's bytes (as loaded: storage order) as the wgmma's register operand: decoded to 32-bit code
@@ -258,13 +280,7 @@ def _rs_operand(byte, am, DECODE: gl.constexpr, SCALE: gl.constexpr, DOT: gl.con
     the operand's word."""
     BN: gl.constexpr = byte.shape[0]
     R: gl.constexpr = byte.shape[1]
-    if LUT_OFF >= 0:
-        column = _smem(gl.zeros_like(byte).to(gl.int32), LUT_OFF, LANE=True)
-        pair = gl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,r,r,r,r,r", [byte, column], dtype=gl.int32,
-                                         is_pure=True, pack=4)
-    else:
-        pair = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r", [byte], dtype=gl.int32, is_pure=True, pack=4)
-    pair = pair.reshape(BN, 4, R // 8, 2).permute(0, 2, 3, 1).reshape(BN, R)
+    pair = _decode_pairs(byte, DECODE, LUT_OFF).reshape(BN, 4, R // 8, 2).permute(0, 2, 3, 1).reshape(BN, R)
     scale = gl.expand_dims(_pair_word(gl.convert_layout(am, gl.SliceLayout(1, pair.type.layout)), DOT), 1)
     scale = scale + gl.zeros_like(pair)
     a = gl.inline_asm_elementwise(SCALE, "=r,r,r,r,r", [gl.join(pair, pair).reshape(BN, 2 * R),
@@ -342,11 +358,12 @@ def _ring(STAGES: gl.constexpr):
 
 
 @_jit
-def _fwd_tma_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, M, N, K,
-                    stride_ym, DECODE: gl.constexpr, SCALE: gl.constexpr, NESTED: gl.constexpr,
-                    HAS_BIAS: gl.constexpr, STAGES: gl.constexpr):
+def _fwd_tma_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, code_ptr, M, N,
+                    K, stride_ym, DECODE: gl.constexpr, SCALE: gl.constexpr, NESTED: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, LUT_OFF: gl.constexpr):
     """Kind 5. Program n: rows [n * BLOCK_N, (n + 1) * BLOCK_N) of W against all of X's rows (the TMA
-    box), one absmax block per stage."""
+    box), one absmax block per stage. The decode table, where there is one, shares an allocation with the
+    two decoded tiles (two more tiles' bytes), which are as large as it."""
     BLOCK_M: gl.constexpr = xd.block_type.shape[0]
     BN: gl.constexpr = wd.block_type.shape[0]
     R: gl.constexpr = wd.block_type.shape[1]
@@ -357,11 +374,13 @@ def _fwd_tma_kernel(y_ptr, xd, wd, absmax_ptr, nested_absmax_ptr, nested_code_pt
     xs = gl.allocate_shared_memory(xd.dtype, [STAGES, BLOCK_M, 2 * R], xd.layout)
     wb = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, R], wd.layout)
     ready, empty = _ring(STAGES)
-    wdec = gl.allocate_shared_memory(xd.dtype, [2, BN, 2 * R], gl.NVMMASharedLayout(4 * R, 16))
-    gl.warp_specialize([(_consume, (y_ptr, xs, wb, wdec, ready, empty, absmax_ptr, nested_absmax_ptr,
+    wdec = gl.allocate_shared_memory(xd.dtype, [4 if LUT_OFF >= 0 else 2, BN, 2 * R],
+                                     gl.NVMMASharedLayout(4 * R, 16))
+    gl.warp_specialize([(_consume, (y_ptr, xs, wb, wdec, code_ptr, ready, empty, absmax_ptr, nested_absmax_ptr,
                                     nested_code_ptr, offset_ptr, bias_ptr, M, N, stride_ym, n0, blocks, DECODE,
-                                    SCALE, NESTED, HAS_BIAS, STAGES, acc_l)),
+                                    SCALE, NESTED, HAS_BIAS, STAGES, acc_l, LUT_OFF)),
                         (_produce, (xd, wd, xs, wb, ready, empty, n0, blocks, STAGES))], [1], [24])
+    wdec._keep_alive()  # the table's loads are asm, which Triton's liveness does not see
 
 
 @_jit
@@ -438,11 +457,14 @@ def rs_layouts(warps: int):
     return _RS_LAYOUTS[warps]
 
 
-def _lut_offset(*sizes: int) -> int | None:
-    """Kind 6's table's offset in its shared memory, beside ring buffers of `sizes` bytes: Triton 3.6
-    places buffers live for the whole kernel largest first, one after another, so the table follows
-    those larger than it. None where one is as large (equals come in no set order)."""
-    return None if LUT_BYTES in sizes else sum(s for s in sizes if s > LUT_BYTES)
+def _lut_offset(*sizes: int, buffer: int = LUT_BYTES, within: int = 0) -> int | None:
+    """The decode table's offset in shared memory, `within` its `buffer`-byte allocation, beside ring
+    buffers of `sizes` bytes: Triton 3.6 places buffers live for the whole kernel largest first, one
+    after another, so the allocation follows those larger than it. None where one is as large (equals
+    come in no set order) or the table does not fit."""
+    if buffer in sizes or sum(sizes) + buffer > SMEM_BYTES:
+        return None
+    return sum(s for s in sizes if s > buffer) + within
 
 
 def launch_config(M: int) -> tuple[int, int, int, int | None]:
@@ -458,7 +480,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
     nested code, offset) or stand-ins, config (BLOCK_M, num_warps, stages) as launch_config gives (its
     maxnreg follows BLOCK_M), `decode` nibbles.decode_asm's for x's dtype. Kind 6 takes x in
     matmul4bit._x_order's column order, copied by the kernel just launched (it is launched behind it),
-    and decodes through its table of `code` (lut None: where RS_LUT) or by `decode`."""
+    Both decode through a table of `code` (lut None: where LUT_DECODE) or by `decode`."""
     M, K = x.shape
     block_m, warps, stages = config
     kernel, block_n = (_fwd_tma_kernel, BLOCK_N) if kind == 5 else (_fwd_rs_kernel, 16 * warps)
@@ -469,13 +491,16 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
     args = (y, xd, wd, absmax, *nested_args, bias if bias is not None else y, M, N, K, y.stride(0))
     common = dict(NESTED=nested, HAS_BIAS=bias is not None, STAGES=stages, num_warps=warps, num_stages=1,
                   maxnreg=launch_config(block_m)[3])
+    xs_bytes = block_m * BLOCKSIZE * x.element_size() * stages * (1 if kind == 5 else RS_BLOCKS)
+    table = dict(buffer=2 * LUT_BYTES, within=LUT_BYTES) if kind == 5 else {}
+    use_table = LUT_DECODE if lut is None else lut
+    off = _lut_offset(xs_bytes, block_n * w_bytes * stages, **table) if use_table else None
+    args = args[:8] + (code if off is not None else y,) + args[8:]
+    common.update(DECODE=decode, LUT_OFF=-1 if off is None else off)
     if kind == 5:
-        launch(kernel, (cdiv(N, block_n),), *args, DECODE=decode, SCALE=SCALE_ASM[x.dtype], **common)
+        launch(kernel, (cdiv(N, block_n),), *args, SCALE=SCALE_ASM[x.dtype], **common)
     else:
         byte_l, am_l = rs_layouts(warps)
-        sizes = (block_m * BLOCKSIZE * x.element_size() * stages * RS_BLOCKS, block_n * w_bytes * stages)
-        off = _lut_offset(*sizes) if (RS_LUT if lut is None else lut) else None
-        args = args[:8] + (code if off is not None else y,) + args[8:]
-        launch(kernel, (cdiv(N, block_n),), *args, DECODE=decode, SCALE=PAIR_SCALE_ASM[x.dtype], BYTE_L=byte_l,
-               AM_L=am_l, LUT_OFF=-1 if off is None else off, launch_pdl=True, **common)
+        launch(kernel, (cdiv(N, block_n),), *args, SCALE=PAIR_SCALE_ASM[x.dtype], BYTE_L=byte_l, AM_L=am_l,
+               launch_pdl=True, **common)
     return y

@@ -42,8 +42,8 @@ def compile_one(fn, sig: dict, consts: dict, arch: int, warps: int = 4, stages: 
 
 def compile_tma(dtype: torch.dtype, nested: bool, block_m: int, warps: int, stages: int, kind: int,
                 lut: bool = False) -> str:
-    """matmul4bit_tma's Gluon kernel (kind 5 or 6, kind 6 decoding by its shared-memory table or by byte
-    permutes) for sm_90, its TMA descriptors' types from stand-in tensors."""
+    """matmul4bit_tma's Gluon kernel (kind 5 or 6, decoding by its shared-memory table or by byte permutes)
+    for sm_90, its TMA descriptors' types from stand-in tensors."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
@@ -55,18 +55,18 @@ def compile_tma(dtype: torch.dtype, nested: bool, block_m: int, warps: int, stag
     pt = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"y_ptr": pt, "xd": mangle_type(xd), "wd": mangle_type(wd), "absmax_ptr": "*u8" if nested else "*fp32",
            "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": pt,
-           **({} if kind == 5 else {"code_ptr": "*fp32"}), "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32"}
+           "code_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32"}
     c = {"DECODE": nibbles.decode_asm_for(code_table("nf4").tolist(), dtype), "NESTED": nested, "HAS_BIAS": True,
          "STAGES": stages}
+    xs_bytes = block_m * mt.BLOCKSIZE * dtype.itemsize * stages * (1 if kind == 5 else mt.RS_BLOCKS)
+    table = dict(buffer=2 * mt.LUT_BYTES, within=mt.LUT_BYTES) if kind == 5 else {}
+    off = mt._lut_offset(xs_bytes, block_n * w_bytes * stages, **table) if lut else None
+    c["LUT_OFF"] = -1 if off is None else off
     if kind == 5:
         return compile_one(mt._fwd_tma_kernel, sig, {**c, "SCALE": mt.SCALE_ASM[dtype]}, 90, warps, 1,
                            source=GluonASTSource)
     byte_l, am_l = mt.rs_layouts(warps)
-    c.update(SCALE=mt.PAIR_SCALE_ASM[dtype], BYTE_L=byte_l, AM_L=am_l, LUT_OFF=-1)
-    if lut:
-        off = mt._lut_offset(block_m * mt.BLOCKSIZE * dtype.itemsize * stages * mt.RS_BLOCKS,
-                             block_n * w_bytes * stages)
-        c["LUT_OFF"] = -1 if off is None else off
+    c.update(SCALE=mt.PAIR_SCALE_ASM[dtype], BYTE_L=byte_l, AM_L=am_l)
     return compile_one(mt._fwd_rs_kernel, sig, c, 90, warps, 1, source=GluonASTSource)
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     for (block_m, warps, stages, _), dt, nested in itertools.product(mt.RS_CONFIGS + mt.CONFIGS,
                                                                      (torch.bfloat16, torch.float16), (True, False)):
         kind = 6 if block_m <= mt.RS_MAX_M else 5
-        for lut in (True, False) if kind == 6 else (False,):
+        for lut in (True, False):
             print(f"fwd tma kind {kind} sm_90 {dt} nested={nested} block_m={block_m}{' table' if lut else ''}: "
                   f"{compile_tma(dt, nested, block_m, warps, stages, kind, lut)}")
     for arch, dt, nested in itertools.product((90, 75), (tl.bfloat16, tl.float16, tl.float32), (True, False)):

@@ -154,51 +154,59 @@ def test_tma_kernel_replays_in_a_cuda_graph(M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,warps,stages", [(16, 4, 3), (32, 4, 3), (64, 8, 4), (16, 8, 3), (16, 4, 5)])
+@pytest.mark.parametrize("M,warps,stages,kind", [(16, 4, 3, 6), (32, 4, 3, 6), (64, 8, 4, 6), (16, 8, 3, 6),
+                                                 (16, 4, 5, 6), (128, 8, 6, 5), (200, 8, 4, 5), (256, 8, 4, 5)])
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kind6_table_decode_matches_byte_permutes(M, warps, stages, quant_type, double_quant, dtype):
-    """Kind 6's decode through its shared-memory table (at the offset _lut_offset gives, for each ring
-    size) and through nibbles' byte permutes give the same bits."""
+def test_table_decode_matches_byte_permutes(M, warps, stages, kind, quant_type, double_quant, dtype):
+    """Kinds 6 and 5 decoding through their shared-memory table (at the offset _lut_offset gives for
+    each ring size) and through nibbles' byte permutes give the same bits."""
     _hopper_or_skip()
-    if not mt.RS_LUT:
-        pytest.skip("kind 6's table needs Triton 3.6's shared-memory allocator")
+    if not mt.LUT_DECODE:
+        pytest.skip("the decode table needs Triton 3.6's shared-memory allocator")
     N, K = 1000, 1024
     packed, state, W = _weight(N, K, quant_type, 64, double_quant)
     x = torch.randn(M, K, device=DEVICE).to(dtype)
-    xo, na = mm._x_order(x, 64), mm._nested_args(state.absmax, state.nested_tensors)
+    xk, na = mm._x_order(x, 64) if kind == 6 else x, mm._nested_args(state.absmax, state.nested_tensors)
     asm = nibbles.decode_asm(state.code, dtype)
+    block_m = M if kind == 6 else (128 if M <= 128 else 256)
     ys = []
     for lut in (True, False):
         y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-        ys.append(mt.forward(xo, packed, state.absmax, na, double_quant, N, None, asm, y, (M, warps, stages), 6,
-                             state.code, lut))
+        ys.append(mt.forward(xk, packed, state.absmax, na, double_quant, N, None, asm, y, (block_m, warps, stages),
+                             kind, state.code, lut))
     assert torch.equal(ys[0], ys[1])
     assert rel_err(ys[0], x.float() @ W.T) < BOUND[dtype]
 
 
 @pytest.mark.gpu
-def test_kind6_table_elsewhere_gives_nan(monkeypatch):
+@pytest.mark.parametrize("M", [16, 128])
+def test_table_elsewhere_gives_nan(monkeypatch, M):
     """A table offset that is not where Triton put the table (another allocator) gives NaN, not a
     wrong product: the kernel reads its table back through the decode's addresses."""
     _hopper_or_skip()
-    if not mt.RS_LUT:
+    if not mt.LUT_DECODE:
         pytest.skip("kind 6's table needs Triton 3.6's shared-memory allocator")
-    monkeypatch.setattr(mt, "_lut_offset", lambda *sizes: 4096)
+    monkeypatch.setattr(mt, "_lut_offset", lambda *sizes, **table: 4096)
     packed, state, W = _weight(1000, 1024)
-    x = torch.randn(16, 1024, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(M, 1024, device=DEVICE, dtype=torch.bfloat16)
     y = mm.forward(x, packed, state.absmax, state.code, 1000, 64, state.nested_tensors)
     assert y.isnan().all()
 
 
-def test_kind6_table_offset():
-    """Triton 3.6 places the kernel's whole-life buffers largest first: the table (32 KB) follows the
-    rings larger than it; with a ring as large the order is not set, so kind 6 decodes by permutes.
-    Every default configuration has a table."""
+def test_table_offset():
+    """Triton 3.6 places the kernel's whole-life buffers largest first: the table's allocation (kind 6:
+    the 32 KB table; kind 5: the decoded tiles' 64 KB, the table its second half) follows the rings
+    larger than it; with a ring as large the order is not set, and where it does not fit, the kernels
+    decode by permutes. Every default configuration has a table."""
     assert mt._lut_offset(24576, 24576) == 0 and mt._lut_offset(49152, 24576) == 49152
     assert mt._lut_offset(131072, 65536) == 196608 and mt._lut_offset(32768, 8192) is None
+    assert mt._lut_offset(98304, 24576, buffer=65536, within=32768) == 131072
+    assert mt._lut_offset(163840, 20480, buffer=65536, within=32768) is None  # 5 stages of 256 rows: no room
     for block_m, warps, stages, _ in mt.RS_CONFIGS:
         assert mt._lut_offset(block_m * 64 * 2 * stages * mt.RS_BLOCKS, 16 * warps * 128 * stages) is not None
+    for block_m, warps, stages, _ in mt.CONFIGS:
+        assert mt._lut_offset(block_m * 64 * 2 * stages, 128 * 32 * stages, buffer=65536, within=32768) is not None
 
 
 def test_tma_kernel_declines_what_it_cannot_take():
