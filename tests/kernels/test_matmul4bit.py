@@ -170,6 +170,10 @@ def test_table_decode_matches_byte_permutes(M, warps, stages, kind, quant_type, 
     xk, na = mm._x_order(x, 64) if kind == 6 else x, mm._nested_args(state.absmax, state.nested_tensors)
     asm = nibbles.decode_asm(state.code, dtype)
     block_m = M if kind == 6 else (128 if M <= 128 else 256)
+    x_bytes, w_bytes = (block_m * 64 * 2 * stages, 128 * 32 * stages) if kind == 5 else \
+        (block_m * 64 * 2 * stages * mt.RS_BLOCKS, 16 * warps * 128 * stages)
+    table = dict(buffer=2 * mt.LUT_BYTES, within=mt.LUT_BYTES) if kind == 5 else {}
+    assert mt._lut_offset(x_bytes, w_bytes, **table) is not None  # the first run below decodes by the table
     ys = []
     for lut in (True, False):
         y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
@@ -186,7 +190,7 @@ def test_table_elsewhere_gives_nan(monkeypatch, M):
     wrong product: the kernel reads its table back through the decode's addresses."""
     _hopper_or_skip()
     if not mt.LUT_DECODE:
-        pytest.skip("kind 6's table needs Triton 3.6's shared-memory allocator")
+        pytest.skip("the decode table needs Triton 3.6's shared-memory allocator")
     monkeypatch.setattr(mt, "_lut_offset", lambda *sizes, **table: 4096)
     packed, state, W = _weight(1000, 1024)
     x = torch.randn(M, 1024, device=DEVICE, dtype=torch.bfloat16)
