@@ -16,6 +16,8 @@ run Gluon, so the kernels are tested on the GPU only (tests/kernels/test_matmul4
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -118,8 +120,11 @@ def _pair_word(am, DOT: gl.constexpr):
 
 
 @_jit
-def _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS: gl.constexpr):
-    """The (W rows, X rows) tile of Y^T (+ bias) into Y, rounded to Y's dtype."""
+def _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS: gl.constexpr, misplaced=0):
+    """The (W rows, X rows) tile of Y^T (+ bias) into Y, rounded to Y's dtype; NaN where the decode table
+    was `misplaced` (_fill_lut: never with Triton 3.6), not a silently wrong product."""
+    if misplaced:
+        acc = gl.full_like(acc, float("nan"))
     BN: gl.constexpr = acc.shape[0]
     BLOCK_M: gl.constexpr = acc.shape[1]
     rw = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc.type.layout))
@@ -176,9 +181,7 @@ def _consume(y_ptr, xs, wb, wdec, code_ptr, ready, empty, absmax_ptr, nested_abs
         stored = stored_n
         nested = nested_n
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    if misplaced:  # never with Triton 3.6: NaN, not a silently wrong product
-        acc = gl.full_like(acc, float("nan"))
-    _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS)
+    _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS, misplaced)
 
 
 @_jit
@@ -340,9 +343,7 @@ def _consume_rs(y_ptr, xs, wb, lut, code_ptr, ready, empty, absmax_ptr, nested_a
         p0, p1 = c2, c3
         stored, nested = stored_n, nested_n
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    if misplaced:  # never with Triton 3.6: NaN, not a silently wrong product
-        acc = gl.full_like(acc, float("nan"))
-    _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS)
+    _store_yt(acc, y_ptr, bias_ptr, n0, M, N, stride_ym, HAS_BIAS, misplaced)
 
 
 @_jit
@@ -467,6 +468,20 @@ def _lut_offset(*sizes: int, buffer: int = LUT_BYTES, within: int = 0) -> int | 
     return sum(s for s in sizes if s > buffer) + within
 
 
+def _tile(kind: int, warps: int) -> tuple[int, int]:
+    """(rows of W per program, bytes of each row per stage) of kind 5 or 6."""
+    return (BLOCK_N, BLOCKSIZE // 2) if kind == 5 else (16 * warps, RS_BLOCKS * BLOCKSIZE // 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _table_offset(kind: int, block_m: int, warps: int, stages: int, itemsize: int = 2) -> int | None:
+    """_lut_offset for kind 5 or 6's rings at this launch shape (kind 5's table: the second half of its
+    decoded tiles' allocation)."""
+    block_n, w_bytes = _tile(kind, warps)
+    sizes = (block_m * BLOCKSIZE * itemsize * stages * (1 if kind == 5 else RS_BLOCKS), block_n * w_bytes * stages)
+    return _lut_offset(*sizes, buffer=2 * LUT_BYTES, within=LUT_BYTES) if kind == 5 else _lut_offset(*sizes)
+
+
 def launch_config(M: int) -> tuple[int, int, int, int | None]:
     """(BLOCK_M, num_warps, stages, maxnreg) for M rows of X: RS_CONFIGS up to RS_MAX_M (kind 6), CONFIGS
     above (kind 5)."""
@@ -479,22 +494,20 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
     """y = x @ deq(W)^T (+ bias), as matmul4bit.forward (where `usable`): nested_args its (nested absmax,
     nested code, offset) or stand-ins, config (BLOCK_M, num_warps, stages) as launch_config gives (its
     maxnreg follows BLOCK_M), `decode` nibbles.decode_asm's for x's dtype. Kind 6 takes x in
-    matmul4bit._x_order's column order, copied by the kernel just launched (it is launched behind it),
+    matmul4bit._x_order's column order, copied by the kernel just launched (it is launched behind it).
     Both decode through a table of `code` (lut None: where LUT_DECODE) or by `decode`."""
     M, K = x.shape
     block_m, warps, stages = config
-    kernel, block_n = (_fwd_tma_kernel, BLOCK_N) if kind == 5 else (_fwd_rs_kernel, 16 * warps)
-    w_bytes = BLOCKSIZE // 2 if kind == 5 else RS_BLOCKS * BLOCKSIZE // 2
+    kernel = _fwd_tma_kernel if kind == 5 else _fwd_rs_kernel
+    block_n, w_bytes = _tile(kind, warps)
     x_layout, w_layout = _layouts(block_m, block_n, x.dtype, w_bytes)
     xd = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_m, BLOCKSIZE], x_layout)
     wd = TensorDescriptor(packed.view(torch.uint8), [N, K // 2], [K // 2, 1], [block_n, w_bytes], w_layout)
     args = (y, xd, wd, absmax, *nested_args, bias if bias is not None else y, M, N, K, y.stride(0))
     common = dict(NESTED=nested, HAS_BIAS=bias is not None, STAGES=stages, num_warps=warps, num_stages=1,
                   maxnreg=launch_config(block_m)[3])
-    xs_bytes = block_m * BLOCKSIZE * x.element_size() * stages * (1 if kind == 5 else RS_BLOCKS)
-    table = dict(buffer=2 * LUT_BYTES, within=LUT_BYTES) if kind == 5 else {}
     use_table = LUT_DECODE if lut is None else lut
-    off = _lut_offset(xs_bytes, block_n * w_bytes * stages, **table) if use_table else None
+    off = _table_offset(kind, block_m, warps, stages, x.element_size()) if use_table else None
     args = args[:8] + (code if off is not None else y,) + args[8:]
     common.update(DECODE=decode, LUT_OFF=-1 if off is None else off)
     if kind == 5:

@@ -48,7 +48,7 @@ def compile_tma(dtype: torch.dtype, nested: bool, block_m: int, warps: int, stag
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    block_n, w_bytes = (mt.BLOCK_N, mt.BLOCKSIZE // 2) if kind == 5 else (16 * warps, mt.RS_BLOCKS * mt.BLOCKSIZE // 2)
+    block_n, w_bytes = mt._tile(kind, warps)
     xl, wl = mt._layouts(block_m, block_n, dtype, w_bytes)
     xd = TensorDescriptor.from_tensor(torch.empty(block_m, 5120, dtype=dtype), [block_m, mt.BLOCKSIZE], xl)
     wd = TensorDescriptor.from_tensor(torch.empty(block_n, 2560, dtype=torch.uint8), [block_n, w_bytes], wl)
@@ -58,9 +58,7 @@ def compile_tma(dtype: torch.dtype, nested: bool, block_m: int, warps: int, stag
            "code_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32"}
     c = {"DECODE": nibbles.decode_asm_for(code_table("nf4").tolist(), dtype), "NESTED": nested, "HAS_BIAS": True,
          "STAGES": stages}
-    xs_bytes = block_m * mt.BLOCKSIZE * dtype.itemsize * stages * (1 if kind == 5 else mt.RS_BLOCKS)
-    table = dict(buffer=2 * mt.LUT_BYTES, within=mt.LUT_BYTES) if kind == 5 else {}
-    off = mt._lut_offset(xs_bytes, block_n * w_bytes * stages, **table) if lut else None
+    off = mt._table_offset(kind, block_m, warps, stages, dtype.itemsize) if lut else None
     c["LUT_OFF"] = -1 if off is None else off
     if kind == 5:
         return compile_one(mt._fwd_tma_kernel, sig, {**c, "SCALE": mt.SCALE_ASM[dtype]}, 90, warps, 1,

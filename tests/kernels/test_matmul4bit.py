@@ -159,7 +159,7 @@ def test_tma_kernel_replays_in_a_cuda_graph(M):
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_table_decode_matches_byte_permutes(M, warps, stages, kind, quant_type, double_quant, dtype):
-    """Kinds 6 and 5 decoding through their shared-memory table (at the offset _lut_offset gives for
+    """Kinds 6 and 5 decoding through their shared-memory table (at the offset _table_offset gives for
     each ring size) and through nibbles' byte permutes give the same bits."""
     _hopper_or_skip()
     if not mt.LUT_DECODE:
@@ -170,10 +170,7 @@ def test_table_decode_matches_byte_permutes(M, warps, stages, kind, quant_type, 
     xk, na = mm._x_order(x, 64) if kind == 6 else x, mm._nested_args(state.absmax, state.nested_tensors)
     asm = nibbles.decode_asm(state.code, dtype)
     block_m = M if kind == 6 else (128 if M <= 128 else 256)
-    x_bytes, w_bytes = (block_m * 64 * 2 * stages, 128 * 32 * stages) if kind == 5 else \
-        (block_m * 64 * 2 * stages * mt.RS_BLOCKS, 16 * warps * 128 * stages)
-    table = dict(buffer=2 * mt.LUT_BYTES, within=mt.LUT_BYTES) if kind == 5 else {}
-    assert mt._lut_offset(x_bytes, w_bytes, **table) is not None  # the first run below decodes by the table
+    assert mt._table_offset(kind, block_m, warps, stages) is not None  # the first run below decodes by the table
     ys = []
     for lut in (True, False):
         y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
@@ -191,7 +188,7 @@ def test_table_elsewhere_gives_nan(monkeypatch, M):
     _hopper_or_skip()
     if not mt.LUT_DECODE:
         pytest.skip("the decode table needs Triton 3.6's shared-memory allocator")
-    monkeypatch.setattr(mt, "_lut_offset", lambda *sizes, **table: 4096)
+    monkeypatch.setattr(mt, "_table_offset", lambda *shape: 4096)
     packed, state, W = _weight(1000, 1024)
     x = torch.randn(M, 1024, device=DEVICE, dtype=torch.bfloat16)
     y = mm.forward(x, packed, state.absmax, state.code, 1000, 64, state.nested_tensors)
@@ -207,10 +204,9 @@ def test_table_offset():
     assert mt._lut_offset(131072, 65536) == 196608 and mt._lut_offset(32768, 8192) is None
     assert mt._lut_offset(98304, 24576, buffer=65536, within=32768) == 131072
     assert mt._lut_offset(163840, 20480, buffer=65536, within=32768) is None  # 5 stages of 256 rows: no room
-    for block_m, warps, stages, _ in mt.RS_CONFIGS:
-        assert mt._lut_offset(block_m * 64 * 2 * stages * mt.RS_BLOCKS, 16 * warps * 128 * stages) is not None
-    for block_m, warps, stages, _ in mt.CONFIGS:
-        assert mt._lut_offset(block_m * 64 * 2 * stages, 128 * 32 * stages, buffer=65536, within=32768) is not None
+    for kind, configs in ((6, mt.RS_CONFIGS), (5, mt.CONFIGS)):
+        for block_m, warps, stages, _ in configs:
+            assert mt._table_offset(kind, block_m, warps, stages) is not None
 
 
 def test_tma_kernel_declines_what_it_cannot_take():
