@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .device import on_tensor_device
-from .launch import cdiv, launch, next_power_of_2
+from .launch import Plan, cdiv, hooked, launch, next_power_of_2, remember, stream
 from . import matmul4bit_tma, nibbles
 from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
@@ -594,9 +594,13 @@ def _x_order(x: torch.Tensor, blocksize: int, pdl: bool = False) -> torch.Tensor
     _fwd_regs_kernel's k pair order."""
     M, K = x.shape
     out = torch.empty(M, K, dtype=x.dtype, device=x.device)
+    key = (x.dtype, x.data_ptr() % 16, K, x.stride(0))  # what Triton specializes the arguments on (out: new)
     launch(_x_order_kernel, (cdiv(K, X_ORDER_BLOCK), M), x, out, K, x.stride(0), R=blocksize // 2,
-           BLOCK=X_ORDER_BLOCK, PDL=pdl)
+           BLOCK=X_ORDER_BLOCK, PDL=pdl, key=key)
     return out
+
+
+_GEMV_PLANS: dict[tuple, Plan] = {}  # by everything a GEMV launch depends on but X's, Y's and scratch addresses
 
 
 @on_tensor_device
@@ -605,10 +609,23 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
          config: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """As `forward`, on CUDA cores, each row of X on its own; config = (ROWS of W per step, STEPS per
     program, NB absmax blocks of 64 values per program, num_warps, LUT kind: 1 L1, 2 byte pairs, 3
-    nibbles from shared memory)."""
+    nibbles from shared memory). After the first launch for a weight and shape, later ones take its plan."""
     M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    rows, steps, nb, warps, lut = config or GEMV_CONFIG
+    na, nc, off = _nested_args(absmax, nested)
+    config = config or GEMV_CONFIG
+    key = (config, blocksize, x.dtype, M, N, K, x.stride(0), y.stride(0), x.data_ptr() % 16, y.data_ptr() % 16,
+           packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), na.data_ptr(), nc.data_ptr(), off.data_ptr(),
+           0 if bias is None else bias.data_ptr(), x.device.index)
+    plan = _GEMV_PLANS.get(key)
+    if plan is not None and not hooked():
+        split_k, groups = plan.grid[1], plan.grid[0] * M
+        ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
+        lock = _locks(x.device, groups) if split_k > 1 else y
+        plan(stream(x.device.index), (0, [x.data_ptr()]),
+             (8, [y.data_ptr(), ws.data_ptr(), lock.data_ptr()]))
+        return y
+    rows, steps, nb, warps, lut = config
     if lut not in (1, 2, 3):
         raise ValueError(f"GEMV LUT kind {lut} is not one of 1, 2, 3")
     blocks = K // blocksize
@@ -617,14 +634,15 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
         nb //= 2
     steps = min(steps, next_power_of_2(cdiv(N, rows)))
     split_k = blocks // nb
-    na, nc, off = _nested_args(absmax, nested)
     grid = (cdiv(N, rows * steps), split_k, M)
     ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
     lock = _locks(x.device, grid[0] * M) if split_k > 1 else y
-    launch(_gemv_kernel, grid, x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off,
-           bias if bias is not None else x, y, ws, lock, M, N, K, x.stride(0), K // 2, y.stride(0),
-           BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT=int(lut),
-           ROWS=rows, STEPS=steps, NB=nb, SPLIT_K=split_k, num_warps=warps, num_stages=1)
+    args = (x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off, bias if bias is not None else x, y, ws,
+            lock, M, N, K, x.stride(0), K // 2, y.stride(0))
+    consts = dict(BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT=int(lut), ROWS=rows,
+                  STEPS=steps, NB=nb, SPLIT_K=split_k)
+    launcher = launch(_gemv_kernel, grid, *args, num_warps=warps, num_stages=1, **consts)
+    remember(_GEMV_PLANS, key, Plan.of(launcher, grid, args, consts))
     return y
 
 

@@ -244,8 +244,10 @@ class Linear4bit(nn.Linear):
         state = self._state
         if state is None:
             self._check_quantized()
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return matmul_4bit(x.to(self.compute_dtype), self.weight, state, bias).to(x.dtype)
+        dtype, bias = self.compute_dtype, self.bias  # (casts skipped where dtypes match: host time per call)
+        bias = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+        y = matmul_4bit(x if x.dtype == dtype else x.to(dtype), self.weight, state, bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # Device moves apply to the packed weight and the quant state, dtype casts never do:

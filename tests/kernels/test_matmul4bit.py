@@ -10,7 +10,7 @@ import torch
 
 from qtune.kernels import matmul4bit as mm
 from qtune.kernels import matmul4bit_tma as mt
-from qtune.kernels import nibbles
+from qtune.kernels import launch, nibbles
 from qtune.nn import Linear4bit
 from qtune.quant import quantize_4bit
 from qtune.quant.reference import dequantize_4bit as reference_dequant
@@ -189,10 +189,42 @@ def test_table_elsewhere_gives_nan(monkeypatch, M):
     if not mt.LUT_DECODE:
         pytest.skip("the decode table needs Triton 3.6's shared-memory allocator")
     monkeypatch.setattr(mt, "_table_offset", lambda *shape: 4096)
+    monkeypatch.setattr(mt, "_PLANS", {})  # a plan made before the patch would keep the true offset
     packed, state, W = _weight(1000, 1024)
     x = torch.randn(M, 1024, device=DEVICE, dtype=torch.bfloat16)
     y = mm.forward(x, packed, state.absmax, state.code, 1000, 64, state.nested_tensors)
     assert y.isnan().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 128])
+def test_plan_launch_matches_the_first_launch(monkeypatch, M):
+    """After the first launch for a weight and shape (through Triton's path), later ones take its plan:
+    Triton's C launcher, with W's TMA map kept and X's encoded per call (kinds 6 and 5), or X, Y and the
+    split-K scratch replaced (the GEMV, split 2 here). A new X at another address, a new Y and another
+    bias give the first launch's bits."""
+    _hopper_or_skip()
+    monkeypatch.setattr(mm if M == 1 else mt, "_GEMV_PLANS" if M == 1 else "_PLANS", {})
+    plans = mm._GEMV_PLANS if M == 1 else mt._PLANS
+    packed, state, W = _weight(1000, 2048)
+    xs = [torch.randn(M, 2048, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
+    biases = [torch.randn(1000, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
+    run = lambda x, b: mm.forward(x, packed, state.absmax, state.code, 1000, 64, state.nested_tensors, b)
+    firsts = [run(x, b) for x, b in zip(xs, biases)]  # each its first launch: two plans
+    if not launch.C_LAUNCH:
+        assert not plans
+        pytest.skip("plans need Triton 3.6's C launcher")
+    assert len(plans) == 2
+    if M == 1:
+        assert all(p.grid[1] == 2 for p in plans.values())  # split-K: scratch and tile counters per call
+    elif M <= mt.RS_MAX_M:  # X's copy, a plain Triton kernel, also launches through the C launcher
+        assert [k for k, v in launch._COMPILED.items() if k[0] == id(mm._x_order_kernel) and v.c is not None]
+    for x, b, first in zip(xs, biases, firsts):
+        x2 = x.clone()  # another address
+        assert x2.data_ptr() != x.data_ptr()
+        assert torch.equal(run(x2, b), first)
+        assert rel_err(first, x.float() @ W.T + b.float()) < BOUND[torch.bfloat16]
+    assert len(plans) == 2
 
 
 def test_table_offset():
