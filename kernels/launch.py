@@ -46,11 +46,12 @@ class HostDesc(NamedTuple):
 class Launcher:
     """A compiled specialization's launch. Where C_LAUNCH, Triton's C launcher is called directly
     (`c`, `head` its arguments before the kernel's), each tensor descriptor among the kernel's values
-    encoded as Triton's Python wrapper would (`descs`: (index, metadata), last first); else compiled.run."""
+    encoded as Triton's Python wrapper would (`descs`: (index, metadata), last first; `metas` by index);
+    else compiled.run (no descriptors known)."""
 
     def __init__(self, compiled, names: tuple[str, ...]):
         run = compiled.run
-        self.compiled, self.names, self.c, self.descs = compiled, names, None, ()
+        self.compiled, self.names, self.c, self.descs, self.metas = compiled, names, None, (), {}
         self.head = (compiled.function, getattr(run, "launch_cooperative_grid", False),
                      getattr(run, "launch_pdl", False), None, None, compiled.packed_metadata, None, None, None)
         fn = getattr(run, "launch", None)
@@ -64,9 +65,7 @@ class Launcher:
         if set(cells) == {"launcher", "tensordesc_indices", "tensordesc_meta"}:  # wrap_handle_tensordesc's
             metas = cells["tensordesc_meta"] or [None] * len(cells["tensordesc_indices"])
             self.descs = tuple(sorted(zip(sorted(cells["tensordesc_indices"]), metas), key=lambda t: -t[0]))
-            self.c = cells["launcher"]
-
-        self.metas = dict(self.descs)
+            self.c, self.metas = cells["launcher"], dict(self.descs)
 
     def values(self, args: tuple, consts: dict) -> list:
         """The kernel's values in order: `args` (tensors as addresses), then `consts` by name."""

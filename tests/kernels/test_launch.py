@@ -44,7 +44,7 @@ def test_launcher_calls_the_c_function_with_descriptors_encoded(c_launch):
     calls = []
     compiled = _compiled(calls)
     launcher = launch.Launcher(compiled, ("BLOCK",))
-    assert launcher.descs == ((2, "meta w"), (1, "meta x"))
+    assert launcher.descs == ((2, "meta w"), (1, "meta x")) and launcher.metas == {1: "meta x", 2: "meta w"}
     launcher((3, 1, 1), 77, launcher.values((10, "xd", "wd", 5), {"BLOCK": 128}))
     head = ("fn", False, True, None, None, "md", None, None, None)
     assert calls == [("c", (3, 1, 1, 77, *head, 10, "map xd meta x", 64, 32, 32, 1, "map wd meta w", 64, 32, 32, 1,
@@ -71,7 +71,7 @@ def test_launcher_falls_back_to_compiled_run(monkeypatch, c_launch_on, scratch, 
     calls = []
     compiled = _compiled(calls, wrapped, scratch)
     launcher = launch.Launcher(compiled, ())
-    assert launcher.c is None and launch.Plan.of(launcher, (1,), (1,), {}) is None
+    assert launcher.c is None and launcher.metas == {} and launch.Plan.of(launcher, (1,), (1,), {}) is None
     launcher((2, 1, 1), 9, [4])
     assert calls == [("run", (2, 1, 1, 9, "fn", "md", None, None, None, 4))]
 
@@ -80,7 +80,7 @@ def test_launcher_without_descriptors_takes_the_c_function_itself(c_launch):
     calls = []
     compiled = _compiled(calls, wrapped=False)
     launcher = launch.Launcher(compiled, ())
-    assert launcher.descs == () and launcher.c is compiled.run.launch
+    assert launcher.descs == () and launcher.metas == {} and launcher.c is compiled.run.launch
 
 
 def test_remember_bounds_the_plans(monkeypatch):

@@ -227,6 +227,26 @@ def test_plan_launch_matches_the_first_launch(monkeypatch, M):
     assert len(plans) == 2
 
 
+@pytest.mark.gpu
+def test_other_triton_launches_without_plans(monkeypatch):
+    """Where Triton's C launcher is not the known one (C_LAUNCH off: any Triton but 3.6), launches go
+    through compiled.run and no plans are kept; the GEMV, kind 6 and kind 5 give the same bits."""
+    _hopper_or_skip()
+    packed, state, W = _weight(1000, 2048)
+    run = lambda x: mm.forward(x, packed, state.absmax, state.code, 1000, 64, state.nested_tensors)
+    xs = [torch.randn(m, 2048, device=DEVICE, dtype=torch.bfloat16) for m in (1, 16, 128)]
+    ys = [run(x) for x in xs]
+    for name, value in (("C_LAUNCH", False), ("_COMPILED", {})):
+        monkeypatch.setattr(launch, name, value)
+    monkeypatch.setattr(mt, "_PLANS", {})
+    monkeypatch.setattr(mm, "_GEMV_PLANS", {})
+    for x, y in zip(xs, ys):
+        for _ in range(2):  # Triton's path, then the cached Launcher's compiled.run
+            assert torch.equal(run(x), y)
+    assert not mt._PLANS and not mm._GEMV_PLANS and launch._COMPILED
+    assert all(v.c is None for v in launch._COMPILED.values())
+
+
 def test_table_offset():
     """Triton 3.6 places the kernel's whole-life buffers largest first: the table's allocation (kind 6:
     the 32 KB table; kind 5: the decoded tiles' 64 KB, the table its second half) follows the rings
