@@ -503,8 +503,8 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
     launch for a weight and shape, later ones take its plan: X's TMA map is the only one encoded."""
     M, K = x.shape
     use_table = LUT_DECODE if lut is None else lut
-    key = (kind, config, use_table, decode, x.dtype, M, K, x.stride(0), N, y.stride(0), packed.data_ptr(),
-           absmax.data_ptr(), *[t.data_ptr() for t in nested_args], nested,
+    key = (kind, config, use_table, decode, x.dtype, M, K, x.stride(0), N, y.stride(0), y.data_ptr() % 16,
+           packed.data_ptr(), absmax.data_ptr(), *[t.data_ptr() for t in nested_args], nested,
            0 if bias is None else bias.data_ptr(), 0 if code is None else code.data_ptr(), x.device.index)
     plan = _PLANS.get(key)
     if plan is not None and not hooked():  # Y's address first, then X's descriptor

@@ -202,7 +202,7 @@ def test_plan_launch_matches_the_first_launch(monkeypatch, M):
     """After the first launch for a weight and shape (through Triton's path), later ones take its plan:
     Triton's C launcher, with W's TMA map kept and X's encoded per call (kinds 6 and 5), or X, Y and the
     split-K scratch replaced (the GEMV, split 2 here). A new X at another address, a new Y and another
-    bias give the first launch's bits."""
+    bias give the first launch's bits; a Y that is not 16-byte aligned gets a plan of its own."""
     _hopper_or_skip()
     monkeypatch.setattr(mm if M == 1 else mt, "_GEMV_PLANS" if M == 1 else "_PLANS", {})
     plans = mm._GEMV_PLANS if M == 1 else mt._PLANS
@@ -225,6 +225,9 @@ def test_plan_launch_matches_the_first_launch(monkeypatch, M):
         assert torch.equal(run(x2, b), first)
         assert rel_err(first, x.float() @ W.T + b.float()) < BOUND[torch.bfloat16]
     assert len(plans) == 2
+    odd = torch.empty(M * 1000 + 1, device=DEVICE, dtype=torch.bfloat16)[1:].view(M, 1000)  # Y 2-byte aligned
+    y = mm.forward(xs[0], packed, state.absmax, state.code, 1000, 64, state.nested_tensors, biases[0], out=odd)
+    assert torch.equal(y, firsts[0]) and len(plans) == 3  # Triton specializes on Y's alignment: a plan of its own
 
 
 @pytest.mark.gpu
