@@ -615,8 +615,8 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     na, nc, off = _nested_args(absmax, nested)
     config = config or GEMV_CONFIG
     key = (config, blocksize, x.dtype, M, N, K, x.stride(0), y.stride(0), x.data_ptr() % 16, y.data_ptr() % 16,
-           packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), na.data_ptr(), nc.data_ptr(), off.data_ptr(),
-           0 if bias is None else bias.data_ptr(), x.device.index)
+           packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), nested is not None, na.data_ptr(), nc.data_ptr(),
+           off.data_ptr(), 0 if bias is None else bias.data_ptr(), x.device.index)
     plan = _GEMV_PLANS.get(key)
     if plan is not None and not hooked():
         split_k, groups = plan.grid[1], plan.grid[0] * M
