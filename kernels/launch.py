@@ -105,7 +105,7 @@ class Plan(NamedTuple):
         """The plan of a launch that `launch` returned `launcher` for; None where it has no C launcher."""
         if launcher is None or launcher.c is None:
             return None
-        return cls(launcher, (*grid, *(1,) * (3 - len(grid))), launcher.flat(launcher.values(args, consts)))
+        return cls(launcher, _grid3(grid), launcher.flat(launcher.values(args, consts)))
 
     def __call__(self, stream: int, *edits: tuple[int, list]) -> None:
         """Launch on `stream` with values[start:start + len(new)] = new for each (start, new)."""
@@ -118,12 +118,22 @@ class Plan(NamedTuple):
 PLAN_LIMIT = 4096  # plans a caller keeps (by weight and shape) before it clears them
 
 
+def recall(plans: dict, key: tuple) -> Plan | None:
+    """plans[key] if there is one and no launch hook is set (a hook needs Triton's own path)."""
+    plan = plans.get(key)
+    return None if plan is None or hooked() else plan
+
+
 def remember(plans: dict, key: tuple, plan: Plan | None) -> None:
     """plans[key] = plan where there is one, the dict cleared when it holds PLAN_LIMIT."""
     if plan is not None:
         if len(plans) >= PLAN_LIMIT:
             plans.clear()
         plans[key] = plan
+
+
+def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
+    return (*grid, *(1,) * (3 - len(grid)))
 
 
 def stream(device_index: int) -> int:
@@ -166,7 +176,7 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages:
         hit = _COMPILED.get(full)
         if hit is not None:
             try:
-                hit((*grid, *(1,) * (3 - len(grid))), driver.active.get_current_stream(device), hit.values(args, consts))
+                hit(_grid3(grid), stream(device), hit.values(args, consts))
                 return hit
             except TypeError:  # not launched: this Triton's launcher wants other arguments
                 _COMPILED = None

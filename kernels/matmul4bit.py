@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .device import on_tensor_device
-from .launch import Plan, cdiv, hooked, launch, next_power_of_2, remember, stream
+from .launch import Plan, cdiv, launch, next_power_of_2, recall, remember, stream
 from . import matmul4bit_tma, nibbles
 from .lut import gather
 from .rounding import TL_DTYPES, to_dtype_rne
@@ -600,6 +600,14 @@ def _x_order(x: torch.Tensor, blocksize: int, pdl: bool = False) -> torch.Tensor
     return out
 
 
+def _split_k_scratch(y: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMV's float32 partials and tile counters for its grid (N tiles, SPLIT_K, M); y where unsplit."""
+    (tiles, split_k, M), N = grid, y.shape[1]
+    if split_k == 1:
+        return y, y
+    return torch.empty(split_k, M, N, dtype=torch.float32, device=y.device), _locks(y.device, tiles * M)
+
+
 _GEMV_PLANS: dict[tuple, Plan] = {}  # by everything a GEMV launch depends on but X's, Y's and scratch addresses
 
 
@@ -617,11 +625,9 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     key = (config, blocksize, x.dtype, M, N, K, x.stride(0), y.stride(0), x.data_ptr() % 16, y.data_ptr() % 16,
            packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), nested is not None, na.data_ptr(), nc.data_ptr(),
            off.data_ptr(), 0 if bias is None else bias.data_ptr(), x.device.index)
-    plan = _GEMV_PLANS.get(key)
-    if plan is not None and not hooked():
-        split_k, groups = plan.grid[1], plan.grid[0] * M
-        ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
-        lock = _locks(x.device, groups) if split_k > 1 else y
+    plan = recall(_GEMV_PLANS, key)
+    if plan is not None:
+        ws, lock = _split_k_scratch(y, plan.grid)
         plan(stream(x.device.index), (0, [x.data_ptr()]),
              (8, [y.data_ptr(), ws.data_ptr(), lock.data_ptr()]))
         return y
@@ -635,8 +641,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     steps = min(steps, next_power_of_2(cdiv(N, rows)))
     split_k = blocks // nb
     grid = (cdiv(N, rows * steps), split_k, M)
-    ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
-    lock = _locks(x.device, grid[0] * M) if split_k > 1 else y
+    ws, lock = _split_k_scratch(y, grid)
     args = (x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off, bias if bias is not None else x, y, ws,
             lock, M, N, K, x.stride(0), K // 2, y.stride(0))
     consts = dict(BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT=int(lut), ROWS=rows,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import HostDesc, Plan, cdiv, hooked, launch, remember, stream
+from .launch import HostDesc, Plan, cdiv, launch, recall, remember, stream
 
 try:  # Gluon's Hopper API as of Triton 3.6
     from triton.experimental import gluon
@@ -506,8 +506,8 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
     key = (kind, config, use_table, decode, x.dtype, M, K, x.stride(0), N, y.stride(0), y.data_ptr() % 16,
            packed.data_ptr(), absmax.data_ptr(), *[t.data_ptr() for t in nested_args], nested,
            0 if bias is None else bias.data_ptr(), 0 if code is None else code.data_ptr(), x.device.index)
-    plan = _PLANS.get(key)
-    if plan is not None and not hooked():  # Y's address first, then X's descriptor
+    plan = recall(_PLANS, key)
+    if plan is not None:  # Y's address first, then X's descriptor
         plan(stream(x.device.index),
              (0, [y.data_ptr(), *plan.launcher.encode(HostDesc(x, [M, K], [x.stride(0), 1]), 1)]))
         return y
@@ -517,11 +517,11 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
     x_layout, w_layout = _layouts(block_m, block_n, x.dtype, w_bytes)
     xd = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_m, BLOCKSIZE], x_layout)
     wd = TensorDescriptor(packed.view(torch.uint8), [N, K // 2], [K // 2, 1], [block_n, w_bytes], w_layout)
-    args = (y, xd, wd, absmax, *nested_args, bias if bias is not None else y, M, N, K, y.stride(0))
-    consts = dict(NESTED=nested, HAS_BIAS=bias is not None, STAGES=stages)
     off = _table_offset(kind, block_m, warps, stages, x.element_size()) if use_table else None
-    args = args[:8] + (code if off is not None else y,) + args[8:]
-    consts.update(DECODE=decode, LUT_OFF=-1 if off is None else off)
+    args = (y, xd, wd, absmax, *nested_args, bias if bias is not None else y, code if off is not None else y, M, N,
+            K, y.stride(0))
+    consts = dict(NESTED=nested, HAS_BIAS=bias is not None, STAGES=stages, DECODE=decode,
+                  LUT_OFF=-1 if off is None else off)
     if kind == 5:
         consts.update(SCALE=SCALE_ASM[x.dtype])
     else:
