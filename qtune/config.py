@@ -33,6 +33,7 @@ class QuantSettings:
     blocksize: int = 64
     quant_storage: str = "uint8"
     skip_modules: Optional[List[str]] = None
+    decode_in_pieces: bool = False  # decode large weights in 32 MiB row pieces: less peak memory, slower
 
 
 @dataclass

@@ -69,6 +69,12 @@ def load_model(cfg, device: torch.device):
             blocksize=q.blocksize, quant_storage=q.quant_storage,
             skip_modules=list(q.skip_modules) if q.skip_modules is not None else None)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name, **kwargs)
+    if q.enabled and q.decode_in_pieces:
+        from .nn import Linear4bit
+
+        for m in model.modules():
+            if isinstance(m, Linear4bit):
+                m.decode_in_pieces = True
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name, revision=cfg.model.revision,
                                               trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:

@@ -11,15 +11,16 @@ from ..quant.functional import (check_packed_size, check_quant_args, dequantize_
 from ..quant.state import QuantState, dtype_name
 
 COMPUTE_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradient checks
-# Dequantize + matmul decodes a weight of more than PIECE values in row pieces of at most that many
-# (32 MiB in 16 bits) where the decoded weight would be over PIECE_RATIO times the product's other
-# large operand (Y forward, dX backward): with few rows (a 13B MLP's weight is 135 MiB against 10-27
-# MiB of activations at 1,024 tokens) the weight copy is the memory spike on top of the step's peak,
-# in recomputation and backward. With many rows the activations dominate, and pieces are not worth
-# their extra passes (dX is accumulated over them). Under PIECE_MIN_OTHER elements of Y or dX the
-# product is host-bound, a launch pair per piece shows (scripts/bench_kernels.py on an H100: M=256
-# forward 463 us in pieces against 136 whole; forward + dX at M=1 1.38 ms), and activations that
-# small do not make the step's peak: whole weights there.
+# With `pieces` (Linear4bit.decode_in_pieces, the recipes' quant.decode_in_pieces), dequantize + matmul
+# decodes a weight of more than PIECE values in row pieces of at most that many (32 MiB in 16 bits)
+# where the decoded weight would be over PIECE_RATIO times the product's other large operand (Y
+# forward, dX backward): with few rows (a 13B MLP's weight is 135 MiB against 10-27 MiB of activations
+# at 1,024 tokens) the weight copy is the memory spike on top of the step's peak, in recomputation and
+# backward (~0.1 GiB of the 13B T4 recipe's). With many rows the activations dominate, and pieces are
+# not worth their extra passes (dX is accumulated over them). Under PIECE_MIN_OTHER elements of Y or
+# dX the product is host-bound and activations that small do not make the step's peak: whole weights
+# there. Pieces cost time: on an H100 a 13B MLP weight's forward at 320-1,024 rows took 592-643 us in
+# pieces against 148-282 whole, bitsandbytes 175-307 (docs/benchmarks.md), so they are off by default.
 PIECE = 2**24
 PIECE_RATIO = 4
 PIECE_MIN_OTHER = 2**22
@@ -45,11 +46,12 @@ class Matmul4bit(torch.autograd.Function):
     few rows go through the fused dequant-matmul kernels, many through dequantize + cuBLAS."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None):
-        ctx.state = state
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None,
+                pieces: bool = False):
+        ctx.state, ctx.pieces = state, pieces
         ctx.save_for_backward(packed)
         ctx.has_bias = bias is not None
-        return _forward(x, packed, state, bias)
+        return _forward(x, packed, state, bias, pieces)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -63,13 +65,14 @@ class Matmul4bit(torch.autograd.Function):
                                       state.code, state.shape[1], state.blocksize, state.nested_tensors)
                 grad_x = dx.view(*grad_out.shape[:-1], state.shape[1])
             else:
-                grad_x = _dx_in_pieces(grad_out, packed, state)
+                grad_x = _dx_in_pieces(grad_out, packed, state, ctx.pieces)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, None, grad_bias
+        return grad_x, None, None, grad_bias, None
 
 
-def _forward(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None) -> torch.Tensor:
+def _forward(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None,
+             pieces: bool = False) -> torch.Tensor:
     kernels = _fused(x, state, backward=False)
     if kernels is not None:
         check_packed_size(packed, state)
@@ -77,22 +80,23 @@ def _forward(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: tor
         y = kernels.forward(x2, packed, state.absmax, state.code, state.shape[0], state.blocksize,
                             state.nested_tensors, bias)
         return y if x2 is x else y.view(*x.shape[:-1], state.shape[0])
-    return _y_in_pieces(x, packed, state, bias)
+    return _y_in_pieces(x, packed, state, bias, pieces)
 
 
-def _piece_rows(packed: torch.Tensor, state: QuantState, other: int) -> int:
-    """Rows of W per decoded piece: all of them unless, on the kernel path, the decoded weight would be
-    over PIECE_RATIO times `other` elements (the product's other large operand), itself at least
-    PIECE_MIN_OTHER."""
-    if not use_kernel(packed) or other < PIECE_MIN_OTHER or state.numel <= PIECE_RATIO * other:
+def _piece_rows(packed: torch.Tensor, state: QuantState, other: int, pieces: bool) -> int:
+    """Rows of W per decoded piece: all of them unless `pieces` and, on the kernel path, the decoded
+    weight would be over PIECE_RATIO times `other` elements (the product's other large operand), itself
+    at least PIECE_MIN_OTHER."""
+    if not pieces or not use_kernel(packed) or other < PIECE_MIN_OTHER or state.numel <= PIECE_RATIO * other:
         return state.shape[0]
     return row_chunk(state, PIECE)
 
 
-def _y_in_pieces(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None) -> torch.Tensor:
-    """X @ deq(W)^T (+ b), each piece of W's rows writing its own columns of Y."""
+def _y_in_pieces(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None,
+                 pieces: bool) -> torch.Tensor:
+    """X @ deq(W)^T (+ b), with `pieces` each piece of W's rows writing its own columns of Y."""
     n, k = state.shape
-    rows = _piece_rows(packed, state, x.numel() // k * n)
+    rows = _piece_rows(packed, state, x.numel() // k * n, pieces)
     if rows >= n:
         return nn.functional.linear(x, dequantize_4bit(packed, state, x.dtype), bias)
     x2 = x.reshape(-1, k)
@@ -107,11 +111,11 @@ def _y_in_pieces(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias:
     return y.view(*x.shape[:-1], n)
 
 
-def _dx_in_pieces(dy: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """dY @ deq(W), each piece of W's rows adding its product into dX (one more rounding of dX per
-    piece)."""
+def _dx_in_pieces(dy: torch.Tensor, packed: torch.Tensor, state: QuantState, pieces: bool) -> torch.Tensor:
+    """dY @ deq(W), with `pieces` each piece of W's rows adding its product into dX (one more rounding
+    of dX per piece)."""
     n, k = state.shape
-    rows = _piece_rows(packed, state, dy.numel() // n * k)
+    rows = _piece_rows(packed, state, dy.numel() // n * k, pieces)
     if rows >= n:
         return dy @ dequantize_4bit(packed, state, dy.dtype)
     dy2 = dy.reshape(-1, n)
@@ -126,12 +130,14 @@ def _dx_in_pieces(dy: torch.Tensor, packed: torch.Tensor, state: QuantState) -> 
     return dx.view(*dy.shape[:-1], k)
 
 
-def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None,
+                pieces: bool = False):
     """x @ deq(W)^T (+ bias) in x's dtype, differentiable in x and bias. Without a gradient to
-    record, the product skips the autograd Function (its bookkeeping is host time a decode step pays)."""
+    record, the product skips the autograd Function (its bookkeeping is host time a decode step pays).
+    `pieces`: decode a weight that would dwarf the activations in row pieces (less memory, more time)."""
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return Matmul4bit.apply(x, packed, state, bias)
-    return _forward(x, packed, state, bias)
+        return Matmul4bit.apply(x, packed, state, bias, pieces)
+    return _forward(x, packed, state, bias, pieces)
 
 
 def _check_matrix(w: torch.Tensor, name: str) -> None:
@@ -157,7 +163,10 @@ class Linear4bit(nn.Linear):
     loaded) and quantized by `quantize_()`, by loading a float or 4-bit state dict, or directly by
     `from_linear`. Inputs are cast to `compute_dtype`; the output comes back in the input's dtype.
     It subclasses nn.Linear so that peft wraps it with its LoRA Linear ("all-linear" included).
+    `decode_in_pieces` (default off) trades speed for a lower memory peak: see matmul_4bit.
     """
+
+    decode_in_pieces = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False,
@@ -246,7 +255,7 @@ class Linear4bit(nn.Linear):
             self._check_quantized()
         dtype, bias = self.compute_dtype, self.bias  # (casts skipped where dtypes match: host time per call)
         bias = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
-        y = matmul_4bit(x if x.dtype == dtype else x.to(dtype), self.weight, state, bias)
+        y = matmul_4bit(x if x.dtype == dtype else x.to(dtype), self.weight, state, bias, self.decode_in_pieces)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):

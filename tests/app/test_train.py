@@ -58,7 +58,12 @@ def test_gradient_checkpointing_is_really_on(tmp_path, env, monkeypatch):
     cfg = OmegaConf.structured(RunConfig)
     cfg.model.name, cfg.model.build, cfg.model.dtype = str(tmp_path / "m"), "tiny-llama", "float32"
     cfg.train.gradient_checkpointing = True
+    cfg.quant.decode_in_pieces = True  # (off by default) set on every 4-bit layer
     model, _ = load_model(cfg, torch.device("cpu"))
+    from qtune.nn import Linear4bit
+
+    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(quantized) == 7 * 4 and all(m.decode_in_pieces for m in quantized) and not Linear4bit.decode_in_pieces
     layer = model.base_model.model.model.layers[0]
     calls = []
     forward = layer.mlp.forward

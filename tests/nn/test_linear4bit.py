@@ -218,7 +218,7 @@ def test_products_in_row_pieces_match_whole_weight(monkeypatch, shape, blocksize
     dy = torch.randn(1, 2, shape[0]).to(dtype)  # few rows: the decoded weight dwarfs dX
     pieces = []
     monkeypatch.setattr(linear4bit, "dequantize_4bit_rows", lambda *a: pieces.append(a[3]) or dequantize_4bit_rows(*a))
-    dx = linear4bit._dx_in_pieces(dy, packed, state)
+    dx = linear4bit._dx_in_pieces(dy, packed, state, True)
     assert pieces == list(range(0, shape[0], rows))
     want = (dy.float() @ whole.float()).to(dtype)
     assert dx.shape == (1, 2, shape[1]) and dx.dtype == dtype
@@ -226,14 +226,25 @@ def test_products_in_row_pieces_match_whole_weight(monkeypatch, shape, blocksize
     x = torch.randn(1, 2, shape[1]).to(dtype)  # forward: each piece writes its columns of Y, bias added
     bias = torch.randn(shape[0]).to(dtype)
     pieces.clear()
-    y = linear4bit._y_in_pieces(x, packed, state, bias)
+    y = linear4bit._y_in_pieces(x, packed, state, bias, True)
     assert pieces == list(range(0, shape[0], rows)) and y.shape == (1, 2, shape[0])
     want = (x.float() @ whole.float().t() + bias.float()).to(dtype)
     assert rel_err(y, want) < {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype], rel_err(y, want)
+    layer = Linear4bit(shape[1], shape[0], bias=False, blocksize=blocksize, compute_dtype=dtype)
+    layer._set_quantized(packed, state)
+    xg = x.clone().requires_grad_(True)
+    pieces.clear()
+    layer(xg).backward(dy)  # pieces are the layer's choice, off by default: whole weights
+    assert pieces == [] and rel_err(xg.grad, want_dx := (dy.float() @ whole.float()).to(dtype)) < 1e-2
+    layer.decode_in_pieces = True  # through the autograd Function (2 rows: the forward is the fused kernel's)
+    xg.grad = None
+    layer(xg).backward(dy)
+    assert pieces == list(range(0, shape[0], rows))
+    assert rel_err(xg.grad, want_dx) < {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
     monkeypatch.setattr(linear4bit, "PIECE_MIN_OTHER", 2 * max(shape) + 1)  # Y and dX under it: whole weights
     pieces.clear()
-    linear4bit._y_in_pieces(x, packed, state, bias)
-    linear4bit._dx_in_pieces(dy, packed, state)
+    linear4bit._y_in_pieces(x, packed, state, bias, True)
+    linear4bit._dx_in_pieces(dy, packed, state, True)
     assert pieces == []
 
 
