@@ -84,6 +84,7 @@ def run_config(path: str, args, seq: int, device: torch.device):
     cfg.train.gradient_checkpointing, cfg.train.seed = True, args.seed
     cfg.data.packing = True  # every batch is seq tokens: one shape, as packed batches are
     cfg.train.cuda_graphs = not args.c_eager
+    cfg.quant.decode_in_pieces = args.c_pieces
     return cfg
 
 
@@ -399,6 +400,8 @@ def main() -> None:
                     help="stack A under bf16 torch.autocast (default: without, as issue 9 describes stack A: the "
                          "4-bit layers compute in bf16, the rest, fp32 after prepare_model_for_kbit_training, in fp32)")
     ap.add_argument("--c-eager", action="store_true", help="stack C without CUDA graphs (train.cuda_graphs=false)")
+    ap.add_argument("--c-pieces", action="store_true",
+                    help="stack C with quant.decode_in_pieces=true (large weights decoded in 32 MiB row pieces)")
     ap.add_argument("--c-unfuse", nargs="+", default=[], choices=["rope", "swiglu"],
                     help="stack C with transformers' rotary embedding / MLP activation, not qtune's kernels")
     ap.add_argument("--quality-steps", type=int, default=0,
