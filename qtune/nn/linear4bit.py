@@ -11,16 +11,18 @@ from ..quant.functional import (check_packed_size, check_quant_args, dequantize_
 from ..quant.state import QuantState, dtype_name
 
 COMPUTE_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradient checks
-# With `pieces` (Linear4bit.decode_in_pieces, the recipes' quant.decode_in_pieces), dequantize + matmul
-# decodes a weight of more than PIECE values in row pieces of at most that many (32 MiB in 16 bits)
-# where the decoded weight would be over PIECE_RATIO times the product's other large operand (Y
+# With `pieces` (Linear4bit.decode_in_pieces, the run config's quant.decode_in_pieces), dequantize +
+# matmul decodes a weight of more than PIECE values in row pieces of at most that many (32 MiB in 16
+# bits) where the decoded weight would be over PIECE_RATIO times the product's other large operand (Y
 # forward, dX backward): with few rows (a 13B MLP's weight is 135 MiB against 10-27 MiB of activations
 # at 1,024 tokens) the weight copy is the memory spike on top of the step's peak, in recomputation and
-# backward (~0.1 GiB of the 13B T4 recipe's). With many rows the activations dominate, and pieces are
-# not worth their extra passes (dX is accumulated over them). Under PIECE_MIN_OTHER elements of Y or
-# dX the product is host-bound and activations that small do not make the step's peak: whole weights
-# there. Pieces cost time: on an H100 a 13B MLP weight's forward at 320-1,024 rows took 592-643 us in
-# pieces against 148-282 whole, bitsandbytes 175-307 (docs/benchmarks.md), so they are off by default.
+# backward. With many rows the activations dominate, and pieces are not worth their extra passes (dX
+# is accumulated over them). Under PIECE_MIN_OTHER elements of Y or dX the product is host-bound and
+# activations that small do not make the step's peak: whole weights there. Pieces trade time for
+# memory, so they are off by default: the 13B T4 recipe's peak is 0.07 GiB lower with them (8.82
+# against 8.89 GiB) at 5% of its tokens/s, and called eagerly on an H100 a 13B MLP weight's forward at
+# 320-1,024 rows took 592-643 us in pieces against 148-282 whole, bitsandbytes 175-307
+# (docs/benchmarks.md).
 PIECE = 2**24
 PIECE_RATIO = 4
 PIECE_MIN_OTHER = 2**22
