@@ -571,8 +571,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     split_k, nblk = _runs(K // blocksize, *rest)
     na, nc, off = _nested_args(absmax, nested)
     grid = (cdiv(N, bn), cdiv(M, bm), split_k)
-    ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else y
-    lock = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else y
+    ws, lock = _split_k_scratch(y, split_k, grid[0] * grid[1])
     pdl = asm is not None and M <= PDL_MAX_M and _capability(x.device) >= (9, 0)
     xk = x if asm is None else _x_order(x, blocksize, pdl)  # the register decode takes X's columns in its order
     head = (xk, packed.view(torch.uint8).reshape(-1), absmax)
@@ -600,12 +599,11 @@ def _x_order(x: torch.Tensor, blocksize: int, pdl: bool = False) -> torch.Tensor
     return out
 
 
-def _split_k_scratch(y: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GEMV's float32 partials and tile counters for its grid (N tiles, SPLIT_K, M); y where unsplit."""
-    (tiles, split_k, M), N = grid, y.shape[1]
+def _split_k_scratch(y: torch.Tensor, split_k: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K's float32 partials of Y and its `tiles` output tiles' counters; y for both where unsplit."""
     if split_k == 1:
         return y, y
-    return torch.empty(split_k, M, N, dtype=torch.float32, device=y.device), _locks(y.device, tiles * M)
+    return torch.empty(split_k, *y.shape, dtype=torch.float32, device=y.device), _locks(y.device, tiles)
 
 
 _GEMV_PLANS: dict[tuple, Plan] = {}  # by everything a GEMV launch depends on but X's, Y's and scratch addresses
@@ -627,7 +625,8 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
            off.data_ptr(), 0 if bias is None else bias.data_ptr(), x.device.index)
     plan = recall(_GEMV_PLANS, key)
     if plan is not None:
-        ws, lock = _split_k_scratch(y, plan.grid)
+        tiles, split_k, _ = plan.grid
+        ws, lock = _split_k_scratch(y, split_k, tiles * M)
         plan(stream(x.device.index), (0, [x.data_ptr()]),
              (8, [y.data_ptr(), ws.data_ptr(), lock.data_ptr()]))
         return y
@@ -641,7 +640,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     steps = min(steps, next_power_of_2(cdiv(N, rows)))
     split_k = blocks // nb
     grid = (cdiv(N, rows * steps), split_k, M)
-    ws, lock = _split_k_scratch(y, grid)
+    ws, lock = _split_k_scratch(y, split_k, grid[0] * M)
     args = (x, packed.view(torch.uint8).reshape(-1), absmax, code, na, nc, off, bias if bias is not None else x, y, ws,
             lock, M, N, K, x.stride(0), K // 2, y.stride(0))
     consts = dict(BS=blocksize, NESTED=nested is not None, HAS_BIAS=bias is not None, LUT=int(lut), ROWS=rows,

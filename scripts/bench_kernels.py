@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -140,7 +141,7 @@ def bench_large(rows: list, q, lin, rounds: int = 5) -> None:
             for who, layer in (("qtune", q), ("bf16", lin)):
                 times[who].append(bench(lambda: call(layer)))
                 times[f"graph_{who}"].append(graph_ms(lambda: call(layer), calls=5, replays=5))
-        ratio = {kind: _median([a / b for a, b in zip(times[f"{kind}qtune"], times[f"{kind}bf16"])])
+        ratio = {kind: statistics.median([a / b for a, b in zip(times[f"{kind}qtune"], times[f"{kind}bf16"])])
                  for kind in ("", "graph_")}
         rows.append({"op": "large vs bf16", "case": name, **{f"{k}_ms": v for k, v in times.items()},
                      "ratio": ratio[""], "graph_ratio": ratio["graph_"]})
@@ -154,10 +155,6 @@ def _no_grad_call(x: torch.Tensor):
         with torch.no_grad():
             return layer(x)
     return call
-
-
-def _median(values: list) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def _span(ms: list) -> str:

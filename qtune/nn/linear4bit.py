@@ -74,7 +74,7 @@ class Matmul4bit(torch.autograd.Function):
 
 
 def _forward(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None,
-             pieces: bool = False) -> torch.Tensor:
+             pieces: bool) -> torch.Tensor:
     kernels = _fused(x, state, backward=False)
     if kernels is not None:
         check_packed_size(packed, state)
