@@ -220,9 +220,9 @@ def test_products_in_row_pieces_match_whole_weight(monkeypatch, shape, blocksize
     monkeypatch.setattr(linear4bit, "dequantize_4bit_rows", lambda *a: pieces.append(a[3]) or dequantize_4bit_rows(*a))
     dx = linear4bit._dx_in_pieces(dy, packed, state, True)
     assert pieces == list(range(0, shape[0], rows))
-    want = (dy.float() @ whole.float()).to(dtype)
+    want_dx = (dy.float() @ whole.float()).to(dtype)
     assert dx.shape == (1, 2, shape[1]) and dx.dtype == dtype
-    assert rel_err(dx, want) < {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype], rel_err(dx, want)
+    assert rel_err(dx, want_dx) < {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype], rel_err(dx, want_dx)
     x = torch.randn(1, 2, shape[1]).to(dtype)  # forward: each piece writes its columns of Y, bias added
     bias = torch.randn(shape[0]).to(dtype)
     pieces.clear()
@@ -235,7 +235,7 @@ def test_products_in_row_pieces_match_whole_weight(monkeypatch, shape, blocksize
     xg = x.clone().requires_grad_(True)
     pieces.clear()
     layer(xg).backward(dy)  # pieces are the layer's choice, off by default: whole weights
-    assert pieces == [] and rel_err(xg.grad, want_dx := (dy.float() @ whole.float()).to(dtype)) < 1e-2
+    assert pieces == [] and rel_err(xg.grad, want_dx) < 1e-2
     layer.decode_in_pieces = True  # through the autograd Function (2 rows: the forward is the fused kernel's)
     xg.grad = None
     layer(xg).backward(dy)
