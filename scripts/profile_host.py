@@ -1,7 +1,13 @@
 """Host time of the 4-bit layer's forward and of quantize_4bit on a GPU machine: where a small
 product or a quantize call spends its microseconds before and around its kernels.
 
-    python scripts/profile_host.py
+    python scripts/profile_host.py            # the breakdown below
+    python scripts/profile_host.py --eager    # eager forward + dX against bitsandbytes and bf16
+
+--eager: Linear4bit (NF4 + double quant, bf16), bitsandbytes' Linear4bit and bf16 nn.Linear, forward +
+input gradient called eagerly (autograd's backward in its device thread, as a transformers Trainer
+runs it) at mid-size and small M: host time per call in 15 alternating rounds of 100 calls (median,
+min) and `do_bench` (median of 3 alternating rounds), with ratios.
 
 For Linear4bit (13824x5120, NF4 + double quant, bf16) at M = 1, 16, 64, its forward + input
 gradient at M = 1 and 4096 against bf16 nn.Linear's, and quantize_4bit at 4096x4096 and 13824x5120: the
@@ -11,6 +17,8 @@ time per kernel (torch.profiler), and the top host-side ops by self time.
 
 from __future__ import annotations
 
+import statistics
+import sys
 import time
 
 import torch
@@ -93,5 +101,44 @@ def main() -> None:
     print(f"cached launches: {len(launch._COMPILED or {})} specializations over {len(counts)} kernels")
 
 
+def eager() -> None:
+    import bitsandbytes as bnb
+
+    print(torch.cuda.get_device_name(), f"torch {torch.__version__}, bitsandbytes {bnb.__version__}")
+    for n, k, m in ((4096, 4096, 512), (N, K, 512), (N, K, 1024), (K, N, 1024), (N, K, 2048), (4096, 4096, 64),
+                    (4096, 4096, 1)):
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+        q = Linear4bit.from_linear(lin, double_quant=True)
+        b = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+        b.load_state_dict(lin.state_dict())
+        b = b.cuda()
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        fns = {name: (lambda layer=layer: torch.autograd.grad(layer(x), x, dy))
+               for name, layer in (("qtune", q), ("bnb", b), ("bf16", lin))}
+        host: dict[str, list[float]] = {name: [] for name in fns}
+        bench: dict[str, list[float]] = {name: [] for name in fns}
+        for f in fns.values():
+            f()
+        torch.cuda.synchronize()
+        for _ in range(15):
+            for name, f in fns.items():
+                a = time.perf_counter()
+                for _ in range(100):
+                    f()
+                host[name].append((time.perf_counter() - a) * 1e4)
+                torch.cuda.synchronize()
+        for _ in range(3):
+            for name, f in fns.items():
+                bench[name].append(do_bench(f, warmup=10, rep=50) * 1e3)
+        h = {name: statistics.median(v) for name, v in host.items()}
+        d = {name: statistics.median(v) for name, v in bench.items()}
+        print(f"{n}x{k} M={m}: host us/call (min) " + ", ".join(f"{name} {h[name]:.1f} ({min(host[name]):.1f})"
+                                                          for name in fns)
+              + "; do_bench " + ", ".join(f"{name} {d[name]:.1f}" for name in fns)
+              + f"; qtune/bnb host {h['qtune'] / h['bnb']:.2f}, do_bench {d['qtune'] / d['bnb']:.2f}; "
+              f"qtune/bf16 host {h['qtune'] / h['bf16']:.2f}, do_bench {d['qtune'] / d['bf16']:.2f}", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    eager() if sys.argv[1:] == ["--eager"] else main()

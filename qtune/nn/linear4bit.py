@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -53,13 +56,23 @@ class Matmul4bit(torch.autograd.Function):
         ctx.state, ctx.pieces = state, pieces
         ctx.save_for_backward(packed)
         ctx.has_bias = bias is not None
-        return _forward(x, packed, state, bias, pieces)
+        y = _forward(x, packed, state, bias, pieces)
+        # The backward's choice depends only on x's rows and device and on Y's dtype (dY's; under
+        # autocast not x's). Made here, on the calling thread, it leaves the backward (in autograd's
+        # device thread, where each call into torch costs more) a decode's launch and the matmul
+        # wherever it decodes the whole weight.
+        whole = ctx.needs_input_grad[0] and _fused(x, state, backward=True) is None
+        whole = whole and _piece_rows(packed, state, x.numel(), pieces) >= state.shape[0]
+        ctx.decode = (y.dtype, _decoder(packed, state, y.dtype)) if whole else None
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.decode is not None and grad_out.dtype == ctx.decode[0]:
+            grad_x = grad_out @ ctx.decode[1]()
+        elif ctx.needs_input_grad[0]:
+            (packed,) = ctx.saved_tensors
             state = ctx.state
             kernels = _fused(grad_out, state, backward=True)
             if kernels is not None:
@@ -73,6 +86,12 @@ class Matmul4bit(torch.autograd.Function):
         return grad_x, None, None, grad_bias, None
 
 
+# Matmul4bit's C++ apply, without Function.apply's Python (its functorch dead-wrapper scan and
+# default-argument binding: ~9 us a call), which matmul_4bit needs only under functorch's transforms
+# or while compiling.
+_APPLY = super(torch.autograd.Function, Matmul4bit).apply
+
+
 def _forward(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None,
              pieces: bool) -> torch.Tensor:
     kernels = _fused(x, state, backward=False)
@@ -83,6 +102,18 @@ def _forward(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: tor
                             state.nested_tensors, bias)
         return y if x2 is x else y.view(*x.shape[:-1], state.shape[0])
     return _y_in_pieces(x, packed, state, bias, pieces)
+
+
+def _decoder(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """dequantize_4bit(packed, state, dtype) as a function of no arguments, its checks done now (the
+    kernels' decoder where they run)."""
+    if dtype in FLOAT_DTYPES and use_kernel(packed):
+        from ..kernels import dequant
+
+        check_packed_size(packed, state)
+        return dequant.decoder(packed, state.absmax, state.code, state.shape, state.blocksize, dtype,
+                               state.nested_tensors)
+    return functools.partial(dequantize_4bit, packed, state, dtype)
 
 
 def _piece_rows(packed: torch.Tensor, state: QuantState, other: int, pieces: bool) -> int:
@@ -138,7 +169,9 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: 
     record, the product skips the autograd Function (its bookkeeping is host time a decode step pays).
     `pieces`: decode a weight that would dwarf the activations in row pieces (less memory, more time)."""
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return Matmul4bit.apply(x, packed, state, bias, pieces)
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return Matmul4bit.apply(x, packed, state, bias, pieces)
+        return _APPLY(x, packed, state, bias, pieces)
     return _forward(x, packed, state, bias, pieces)
 
 

@@ -56,6 +56,20 @@ def test_kernels_match_reference(M, N, K, quant_type, blocksize, double_quant, d
     assert rel_err(dx, dy.float() @ W) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("M", [1, 5])
+def test_strided_packed_bytes_are_read_in_order(M):
+    """A strided packed weight (every other byte of a larger tensor) gives its contiguous copy's
+    products: the GEMV (M=1), the tiled forward and the input gradient."""
+    packed, state, W = _weight(48, 128)
+    strided = torch.stack([packed.view(-1), torch.zeros_like(packed.view(-1))], 1)[:, 0]
+    x, dy = torch.randn(M, 128, device=DEVICE), torch.randn(M, 48, device=DEVICE)
+    args = (state.absmax, state.code, 48, 64, state.nested_tensors)
+    assert torch.equal(mm.forward(x, strided, *args), mm.forward(x, packed, *args))
+    assert rel_err(mm.forward(x, strided, *args), x @ W.T) < BOUND[torch.float32]
+    dx = mm.backward(dy, strided, state.absmax, state.code, 128, 64, state.nested_tensors)
+    assert rel_err(dx, dy @ W) < BOUND[torch.float32]
+
+
 @pytest.mark.parametrize("split_k,nblk,K", [(2, 1, 320), (4, 1, 320), (1, 2, 512), (2, 4, 1024), (4, 2, 320)])
 def test_split_k_and_block_groups_forward(split_k, nblk, K):
     """Split-K: K = 5 absmax blocks in 2 or 4 runs (one of them empty), partials summed by the last

@@ -37,6 +37,20 @@ def test_forward_and_input_grad_match_dequantized_reference(quant_type):
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
+def test_autocast_output_dtype_sets_the_input_grad_dtype():
+    """Under autocast a float32 product comes out in bfloat16 (F.linear autocasts): its input
+    gradient is decoded and multiplied in the output's dtype, and comes back in the input's."""
+    packed, state = quantize_4bit(torch.randn(96, 128), 64, "nf4", True)
+    x = torch.randn(2, 300, 128, requires_grad=True)  # 600 rows: dequantize + F.linear on CUDA too
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = matmul_4bit(x, packed, state)
+    assert y.dtype == torch.bfloat16
+    g = torch.randn_like(y)
+    y.backward(g)
+    want = g.float() @ dequantize_4bit(packed, state, torch.bfloat16).float()
+    assert x.grad.dtype == torch.float32 and rel_err(x.grad, want) < 2**-7
+
+
 def test_backward_saves_only_the_packed_weight():
     layer = Linear4bit.from_linear(nn.Linear(256, 512, bias=False))
     x = torch.randn(64, 256, requires_grad=True)
