@@ -73,12 +73,13 @@ def bench_formats(rows: list, bw: float) -> None:
               f"-> {t_b / t_q:.2f}x bitsandbytes")
 
 
-def layers():
+def layers(n: int = N, k: int = K):
+    """bf16 nn.Linear (k -> n), and its weight in qtune's and bitsandbytes' Linear4bit (NF4 + double quant)."""
     import bitsandbytes as bnb
 
-    lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     q = Linear4bit.from_linear(lin, double_quant=True)
-    b = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    b = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
     b.load_state_dict(lin.state_dict())
     return lin, q, b.cuda()
 

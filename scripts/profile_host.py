@@ -17,6 +17,7 @@ time per kernel (torch.profiler), and the top host-side ops by self time.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -31,18 +32,21 @@ from qtune.quant import quantize_4bit
 N, K = 13824, 5120
 
 
+def round_us(fn, n: int) -> float:
+    """Host time per call of n back-to-back calls, then a sync (not counted)."""
+    a = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - a) / n * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
 def host_us(fn, n: int = 200) -> float:
     """Median over 5 rounds of the host time per call of n back-to-back calls."""
     fn()
     torch.cuda.synchronize()
-    rounds = []
-    for _ in range(5):
-        a = time.perf_counter()
-        for _ in range(n):
-            fn()
-        rounds.append((time.perf_counter() - a) / n * 1e6)
-        torch.cuda.synchronize()
-    return sorted(rounds)[2]
+    return sorted(round_us(fn, n) for _ in range(5))[2]
 
 
 def gpu_us(fn) -> tuple[float, list[tuple[str, float]]]:
@@ -104,14 +108,14 @@ def main() -> None:
 def eager() -> None:
     import bitsandbytes as bnb
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_kernels import layers
+
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}, bitsandbytes {bnb.__version__}")
     for n, k, m in ((4096, 4096, 512), (N, K, 512), (N, K, 1024), (K, N, 1024), (N, K, 2048), (4096, 4096, 64),
                     (4096, 4096, 1)):
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
-        q = Linear4bit.from_linear(lin, double_quant=True)
-        b = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
-        b.load_state_dict(lin.state_dict())
-        b = b.cuda()
+        lin, q, b = layers(n, k)
+        lin.requires_grad_(False)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
         fns = {name: (lambda layer=layer: torch.autograd.grad(layer(x), x, dy))
@@ -123,11 +127,7 @@ def eager() -> None:
         torch.cuda.synchronize()
         for _ in range(15):
             for name, f in fns.items():
-                a = time.perf_counter()
-                for _ in range(100):
-                    f()
-                host[name].append((time.perf_counter() - a) * 1e4)
-                torch.cuda.synchronize()
+                host[name].append(round_us(f, 100))
         for _ in range(3):
             for name, f in fns.items():
                 bench[name].append(do_bench(f, warmup=10, rep=50) * 1e3)

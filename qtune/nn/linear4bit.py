@@ -105,12 +105,11 @@ def _forward(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: tor
 
 
 def _decoder(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    """dequantize_4bit(packed, state, dtype) as a function of no arguments, its checks done now (the
-    kernels' decoder where they run)."""
+    """dequantize_4bit(packed, state, dtype) as a function of no arguments: the kernels' decoder where
+    they run, without the size check the forward made."""
     if dtype in FLOAT_DTYPES and use_kernel(packed):
         from ..kernels import dequant
 
-        check_packed_size(packed, state)
         return dequant.decoder(packed, state.absmax, state.code, state.shape, state.blocksize, dtype,
                                state.nested_tensors)
     return functools.partial(dequantize_4bit, packed, state, dtype)
