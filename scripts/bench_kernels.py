@@ -4,12 +4,13 @@
     python scripts/bench_kernels.py --sweep    # launch configs of the fused kernels per M
 
 Copy bandwidth (a device-to-device copy); the read floor (a kernel that only reads the packed bytes
-of the 13824x5120 weight, timed as the forward's CUDA graphs are); quantize and dequantize (NF4 + double quant, bf16;
+of the 13824x5120 weight, timed as the forward's CUDA graphs are, and again after a clean flush with
+the M=1 layers); quantize and dequantize (NF4 + double quant, bf16;
 GB/s counts packed bytes + bf16 bytes); forward Y = X @ W^T at M = 1 to 16384
 (K=5120, N=13824, bf16) for qtune's Linear4bit (its dispatch), the fused kernel and
 dequantize + cuBLAS alone, bitsandbytes' Linear4bit and bf16 nn.Linear; forward + input gradient
 at M = 1, 16, 512, 1024, 4096; M=4096 and 16384 forward and forward + dX again against bf16 in alternating
-rounds (median ratio); the int8 forward (scripts/bench_int8.py). Medians of CUDA-event timings
+rounds (median ratio) and call by call; the int8 forward (scripts/bench_int8.py). Medians of CUDA-event timings
 (triton.testing.do_bench), which include the host's launch time where it exceeds the kernels';
 up to M=2048 the three layers also replayed in CUDA graphs with L2 flushed before each call (graph_ms:
 the GPU's time alone). The sweeps rank launch configs by graph_ms.
@@ -130,25 +131,42 @@ def bench_large(rows: list, q, lin, rounds: int = 5) -> None:
     within one process (docs/benchmarks.md), more than the 5-7% the targets allow, so each round
     times qtune then bf16 back to back, and the ratio printed is the median of the rounds' ratios:
     by do_bench, and in flushed CUDA graphs (the GPU's time, without the host's Python before the
-    first launch that do_bench's flush leaves the GPU waiting on)."""
+    first launch that do_bench's flush leaves the GPU waiting on). Also call by call (paired_ratio)."""
     x4 = torch.randn(4096, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(4096, N, device="cuda", dtype=torch.bfloat16)
     cases = {f"forward M={m}": _no_grad_call(torch.randn(m, K, device="cuda", dtype=torch.bfloat16))
              for m in (4096, 16384)}
     cases["fwd+dX M=4096"] = lambda layer: torch.autograd.grad(layer(x4), x4, dy)
     for name, call in cases.items():
-        times: dict = {"qtune": [], "bf16": [], "graph_qtune": [], "graph_bf16": []}
+        times: dict = {"qtune": [], "bf16": [], "graph_qtune": [], "graph_bf16": [], "paired": []}
         for _ in range(rounds):
             for who, layer in (("qtune", q), ("bf16", lin)):
                 times[who].append(bench(lambda: call(layer)))
                 times[f"graph_{who}"].append(graph_ms(lambda: call(layer), calls=5, replays=5))
+            times["paired"].append(paired_ratio(lambda: call(q), lambda: call(lin)))
         ratio = {kind: statistics.median([a / b for a, b in zip(times[f"{kind}qtune"], times[f"{kind}bf16"])])
                  for kind in ("", "graph_")}
+        paired = times.pop("paired")
         rows.append({"op": "large vs bf16", "case": name, **{f"{k}_ms": v for k, v in times.items()},
-                     "ratio": ratio[""], "graph_ratio": ratio["graph_"]})
+                     "ratio": ratio[""], "graph_ratio": ratio["graph_"], "paired_ratios": paired})
         print(f"{name} over {rounds} alternating rounds: qtune / bf16 median {ratio['']:.3f}x by do_bench "
               f"(qtune {_span(times['qtune'])} us, bf16 {_span(times['bf16'])}), {ratio['graph_']:.3f}x in "
-              f"flushed graphs (qtune {_span(times['graph_qtune'])}, bf16 {_span(times['graph_bf16'])})")
+              f"flushed graphs (qtune {_span(times['graph_qtune'])}, bf16 {_span(times['graph_bf16'])}), "
+              f"{statistics.median(paired):.3f}x call by call ({', '.join(f'{r:.3f}' for r in paired)})")
+
+
+def paired_ratio(fa, fb, pairs: int = 40) -> float:
+    """Median over pairs of fa's time / fb's, the two alternating call by call (so both run at the same
+    clocks), each timed by events after do_bench's flush."""
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(pairs + 3)]
+    for ev in events:
+        for fn, (start, end) in ((fa, ev[:2]), (fb, ev[2:])):
+            _dirty_flush()
+            start.record()
+            fn()
+            end.record()
+    torch.cuda.synchronize()
+    return statistics.median(ev[0].elapsed_time(ev[1]) / ev[2].elapsed_time(ev[3]) for ev in events[3:])
 
 
 def _no_grad_call(x: torch.Tensor):
@@ -178,35 +196,64 @@ def _read_kernel(w_ptr, out_ptr, n_rows, WORDS: tl.constexpr, CHUNK: tl.constexp
 
 def bench_floor(rows: list) -> None:
     """The GEMV's floor as measured here: a kernel that only reads a 13824x5120 weight's packed bytes
-    (best of a few launch shapes), in flushed CUDA graphs as the forward table times M=1."""
+    (best of a few launch shapes), in flushed CUDA graphs as the forward table times M=1. Again after a
+    clean flush (L2 left holding read lines, none to write back), with the M=1 layers timed the same way."""
     words = torch.randint(-2**31, 2**31 - 1, (N, K // 8), dtype=torch.int32, device="cuda")
     out = torch.empty(2**20, dtype=torch.int32, device="cuda")
-    best = (float("inf"), None)
-    for chunk, r, steps, warps in ((128, 2, 8, 1), (128, 2, 16, 1), (128, 8, 8, 2), (256, 8, 8, 4), (1024, 2, 8, 2)):
-        grid = (triton.cdiv(N, r * steps), triton.cdiv(K // 8, chunk))
-        t = graph_ms(lambda: _read_kernel[grid](words, out, N, WORDS=K // 8, CHUNK=chunk, ROWS=r, STEPS=steps,
-                                                num_warps=warps))
-        best = min(best, (t, (chunk, r, steps, warps)))
     nbytes = words.numel() * 4
-    rows.append({"op": "read_floor", "bytes": nbytes, "graph_ms": best[0], "config": best[1]})
-    print(f"read floor: the packed bytes of {N}x{K} ({nbytes / 1e6:.1f} MB) read and XORed in "
-          f"{best[0] * 1e3:.1f} us in flushed CUDA graphs ({nbytes / best[0] / 1e6:.0f} GB/s; words per row, "
-          f"rows per step, steps, warps {best[1]})")
+    shapes = ((128, 2, 8, 1), (128, 2, 16, 1), (128, 8, 8, 2), (256, 4, 4, 4), (256, 8, 8, 4), (1024, 2, 8, 2))
+    for flush in (_dirty_flush, _clean_flush):
+        best = (float("inf"), None)
+        for chunk, r, steps, warps in shapes:
+            grid = (triton.cdiv(N, r * steps), triton.cdiv(K // 8, chunk))
+            t = graph_ms(lambda: _read_kernel[grid](words, out, N, WORDS=K // 8, CHUNK=chunk, ROWS=r, STEPS=steps,
+                                                    num_warps=warps), flush=flush)
+            best = min(best, (t, (chunk, r, steps, warps)))
+        rows.append({"op": "read_floor", "flush": flush.__name__, "bytes": nbytes, "graph_ms": best[0],
+                     "config": best[1]})
+        print(f"read floor ({flush.__doc__}): the packed bytes of {N}x{K} ({nbytes / 1e6:.1f} MB) read and XORed "
+              f"in {best[0] * 1e3:.1f} us in flushed CUDA graphs ({nbytes / best[0] / 1e6:.0f} GB/s; words per "
+              f"row, rows per step, steps, warps {best[1]})")
+    _, q, b = layers()
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        t = {name: graph_ms(lambda: layer(x), flush=_clean_flush) for name, layer in (("qtune", q), ("bnb", b))}
+    rows.append({"op": "forward", "M": 1, "flush": "_clean_flush", **{f"graph_{k}_ms": v for k, v in t.items()}})
+    print(f"forward M=1 after a clean flush: qtune {t['qtune'] * 1e3:.1f} us, bitsandbytes {t['bnb'] * 1e3:.1f} us "
+          f"-> {t['bnb'] / t['qtune']:.2f}x (2.5x needs {t['bnb'] / 2.5 * 1e3:.1f} us)")
 
 
 _FLUSH: list = []
 
 
-def graph_ms(fn, calls: int = 20, replays: int = 10) -> float:
+def _flush_buffer() -> torch.Tensor:
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))
+    return _FLUSH[0]
+
+
+def _dirty_flush() -> None:
+    """zeros written, as do_bench's flush"""
+    _flush_buffer().zero_()
+
+
+def _clean_flush() -> None:
+    """256 MB read"""
+    if len(_FLUSH) == 1:
+        _FLUSH.append(torch.empty(2**13, dtype=torch.int32, device="cuda"))
+    words = _flush_buffer().view(torch.int32).view(2**16, 1024)
+    _read_kernel[(2**12, 1)](words, _FLUSH[1], 2**16, WORDS=1024, CHUNK=1024, ROWS=2, STEPS=8, num_warps=4)
+
+
+def graph_ms(fn, calls: int = 20, replays: int = 10, flush=_dirty_flush) -> float:
     """Median ms of one call of fn replayed in a CUDA graph, L2 flushed before each call as do_bench
     does (a 13824x5120 weight's 36 MB would otherwise stay in the H100's 50 MB L2): the GPU's time
     without the host's launch time. Graphs of (flush, fn) and of the flush alone, the difference."""
-    if not _FLUSH:
-        _FLUSH.append(torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))
-    flush, stream = _FLUSH[0].zero_, torch.cuda.Stream()
+    stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()  # compiles, and allocates what later calls reuse, outside the capture
+        flush()
         graphs = []
         for body in ((flush, fn), (flush,)):
             g = torch.cuda.CUDAGraph()
