@@ -64,7 +64,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     bytes; `absmax` is float32, or uint8 codes decoded with nested = (nested_absmax, nested_code
     (256), offset (0-d tensor)). No host synchronisation. `config`: (bytes per program, warps),
     default the module's measured one. After the first launch for a weight, later ones take its plan."""
-    packed = packed if packed.is_contiguous() else packed.contiguous()  # the kernel reads the bytes in order
+    packed = packed.contiguous()  # the kernel reads the bytes in order (no copy where they are)
     n = math.prod(shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
     key = _key(packed, absmax, code, n, blocksize, dtype, nested, out.data_ptr(), config)

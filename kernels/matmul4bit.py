@@ -549,7 +549,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: t
     nested_code, offset). `config`: as _config returns, optionally with NBLK (absmax blocks per
     iteration) after SPLIT_K. LUT kind: _lookup's 0-3 in _fwd_kernel, 4, _fwd_regs_kernel (16-bit
     x; NBLK does not apply), or 5 and 6, matmul4bit_tma's (where they run, else kind 4's default)."""
-    packed = packed if packed.is_contiguous() else packed.contiguous()  # the kernels read the bytes in order
+    packed = packed.contiguous()  # the kernels read the bytes in order (no copy where they are)
     M, K = x.shape
     if config is None and M <= GEMV_MAX_M:  # (already on x's device)
         return gemv.__wrapped__(x, packed, absmax, code, N, blocksize, nested, bias, out=out)
@@ -617,7 +617,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     """As `forward`, on CUDA cores, each row of X on its own; config = (ROWS of W per step, STEPS per
     program, NB absmax blocks of 64 values per program, num_warps, LUT kind: 1 L1, 2 byte pairs, 3
     nibbles from shared memory). After the first launch for a weight and shape, later ones take its plan."""
-    packed = packed if packed.is_contiguous() else packed.contiguous()  # the kernels read the bytes in order
+    packed = packed.contiguous()  # the kernels read the bytes in order (no copy where they are)
     M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     na, nc, off = _nested_args(absmax, nested)
@@ -657,7 +657,7 @@ def backward(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
              nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
              config: tuple[int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """dy (M, N, unit stride along N) @ deq(W) -> (M, K) in dy's dtype."""
-    packed = packed if packed.is_contiguous() else packed.contiguous()  # the kernels read the bytes in order
+    packed = packed.contiguous()  # the kernels read the bytes in order (no copy where they are)
     M, N = dy.shape
     dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
     bm, bn, warps, stages = (config or _config(M, dy.dtype))[:4]

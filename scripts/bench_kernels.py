@@ -19,6 +19,7 @@ the GPU's time alone). The sweeps rank launch configs by graph_ms.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -223,26 +224,23 @@ def bench_floor(rows: list) -> None:
           f"-> {t['bnb'] / t['qtune']:.2f}x (2.5x needs {t['bnb'] / 2.5 * 1e3:.1f} us)")
 
 
-_FLUSH: list = []
-
-
-def _flush_buffer() -> torch.Tensor:
-    if not _FLUSH:
-        _FLUSH.append(torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))
-    return _FLUSH[0]
+@functools.cache
+def _flush_buffers() -> tuple[torch.Tensor, torch.Tensor]:
+    """256 MB to flush L2 with, and a sink for the clean flush's sums."""
+    return (torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"),
+            torch.empty(2**13, dtype=torch.int32, device="cuda"))
 
 
 def _dirty_flush() -> None:
     """zeros written, as do_bench's flush"""
-    _flush_buffer().zero_()
+    _flush_buffers()[0].zero_()
 
 
 def _clean_flush() -> None:
     """256 MB read"""
-    if len(_FLUSH) == 1:
-        _FLUSH.append(torch.empty(2**13, dtype=torch.int32, device="cuda"))
-    words = _flush_buffer().view(torch.int32).view(2**16, 1024)
-    _read_kernel[(2**12, 1)](words, _FLUSH[1], 2**16, WORDS=1024, CHUNK=1024, ROWS=2, STEPS=8, num_warps=4)
+    buf, sink = _flush_buffers()
+    _read_kernel[(2**12, 1)](buf.view(torch.int32).view(2**16, 1024), sink, 2**16, WORDS=1024, CHUNK=1024, ROWS=2,
+                             STEPS=8, num_warps=4)
 
 
 def graph_ms(fn, calls: int = 20, replays: int = 10, flush=_dirty_flush) -> float:
